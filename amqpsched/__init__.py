@@ -1,0 +1,37 @@
+"""amqpsched: a distributed task scheduler on RabbitMQ."""
+
+from .client import Client, SyncClient, TaskHandle
+from .errors import (
+    AmqpschedError,
+    BrokerError,
+    ConfigurationError,
+    DecodeError,
+    NoWorkerAvailable,
+    TaskError,
+    TaskFailed,
+    TaskTimeout,
+    UnknownTask,
+)
+from .settings import Settings
+from .worker.app import InvalidPayload, WorkerApp
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AmqpschedError",
+    "BrokerError",
+    "Client",
+    "ConfigurationError",
+    "DecodeError",
+    "InvalidPayload",
+    "NoWorkerAvailable",
+    "Settings",
+    "SyncClient",
+    "TaskError",
+    "TaskFailed",
+    "TaskHandle",
+    "TaskTimeout",
+    "UnknownTask",
+    "WorkerApp",
+    "__version__",
+]

@@ -1,0 +1,135 @@
+"""The ``amqpsched`` command: parsing only; each subcommand calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from .errors import AmqpschedError
+from .settings import Settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    for key in ("metrics_port", "concurrency", "namespace", "log_level"):
+        value = getattr(args, key, None)
+        if value is not None:
+            overrides[key] = value
+    return Settings(**overrides)
+
+
+def _common(p: argparse.ArgumentParser, metrics: bool = True) -> None:
+    if metrics:
+        p.add_argument("--metrics-port", type=int, help="serve /metrics, /livez, /readyz here")
+    p.add_argument("--namespace", help="prefix of every queue and exchange name")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="amqpsched", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("scheduler", help="run a scheduler")
+    _common(p)
+
+    p = sub.add_parser("worker", help="run a worker")
+    _common(p)
+    p.add_argument(
+        "--capability", "-c", action="append", default=[], help="capability to serve (repeatable)"
+    )
+    p.add_argument("--concurrency", "-n", type=int, help="tasks run at once")
+    p.add_argument(
+        "--app", action="append", default=[], help="module[:attr] with a WorkerApp (repeatable)"
+    )
+
+    p = sub.add_parser("call", help="run one task and print its answer")
+    _common(p, metrics=False)
+    p.add_argument("capability")
+    p.add_argument("payload", help="JSON payload")
+    p.add_argument("--timeout", type=float)
+
+    p = sub.add_parser("status", help="print a task's status")
+    _common(p, metrics=False)
+    p.add_argument("task_id")
+
+    p = sub.add_parser("capabilities", help="list the live capabilities")
+    _common(p, metrics=False)
+
+    p = sub.add_parser("schema", help="write or check docs/schemas/*.json")
+    p.add_argument("--dir", default="docs/schemas", type=Path)
+    p.add_argument("--check", action="store_true", help="fail if the files differ")
+
+    p = sub.add_parser("demo", help="run scheduler, a resize worker and a client, end to end")
+    p.add_argument("--images", type=int, default=3)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except AmqpschedError as exc:
+        print(f"amqpsched: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from .runtime import serve, setup_logging
+
+    if args.command == "schema":
+        from .schemas import check_or_write
+
+        return check_or_write(args.dir, check=args.check)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return run_demo(images=args.images)
+    settings = _settings(args)
+    setup_logging(settings)
+    if args.command == "scheduler":
+        from .scheduler import Scheduler
+
+        asyncio.run(serve(Scheduler(settings), settings, CollectorRegistry()))
+        return 0
+    if args.command == "worker":
+        from .worker import Worker, WorkerApp
+        from .worker.app import load_app
+        from .worker.builtin import app as builtin
+
+        app = WorkerApp()
+        app.include(builtin)
+        for spec in args.app:
+            app.include(load_app(spec))
+        worker = Worker(app, args.capability, settings)
+        asyncio.run(serve(worker, settings, CollectorRegistry()))
+        return 0
+    return asyncio.run(_client_command(args, settings))
+
+
+async def _client_command(args: argparse.Namespace, settings: Settings) -> int:
+    from .client import Client
+
+    async with Client(settings) as client:
+        if args.command == "call":
+            handle = await client.submit(
+                args.capability, json.loads(args.payload), timeout=args.timeout
+            )
+            answer = await handle.answer()
+            print(answer.model_dump_json(indent=2))
+            return 0 if answer.status == "succeeded" else 1
+        if args.command == "status":
+            print((await client.status(args.task_id)).model_dump_json(indent=2))
+            return 0
+        for entry in await client.capabilities():
+            print(
+                f"{entry.name:20} workers={entry.workers} slots={entry.slots}  {entry.description}"
+            )
+        return 0

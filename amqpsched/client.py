@@ -1,0 +1,290 @@
+"""The client SDK: submit tasks, await their answers, ask for them again later.
+
+One connection, one publishing channel and one reply queue serve every call of a client; answers
+are matched to calls by correlation id, so thousands of calls can be in flight at once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import uuid
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+
+from . import transport
+from .errors import (
+    AmqpschedError,
+    BrokerError,
+    NoWorkerAvailable,
+    TaskFailed,
+    TaskTimeout,
+    UnknownTask,
+)
+from .protocol import (
+    PROTOCOL_VERSION,
+    Answer,
+    CapabilitiesReply,
+    CatalogEntry,
+    ErrorType,
+    Kind,
+    Status,
+    StatusReply,
+    TaskState,
+    decode,
+)
+from .settings import Settings
+from .topology import Topology
+from .transport import IncomingMessage
+
+log = logging.getLogger("amqpsched.client")
+
+T = TypeVar("T")
+
+#: Extra seconds a call waits past the task's timeout for the scheduler's ``no_worker`` answer.
+ANSWER_GRACE = 5.0
+
+
+def answer_value(answer: Answer) -> Any:
+    """The result of a succeeded answer; the matching typed error for a failed one."""
+    if answer.status == Status.SUCCEEDED:
+        return answer.result
+    error = answer.error
+    task_id = answer.task_id or "?"
+    if error is None:
+        raise TaskFailed(task_id, ErrorType.INTERNAL_ERROR, "failed without an error")
+    cls = NoWorkerAvailable if error.type == ErrorType.NO_WORKER else TaskFailed
+    detail = {"exception": error.exception, "traceback": error.traceback}
+    raise cls(task_id, error.type.value, error.message, detail, answer.attempts)
+
+
+@dataclass
+class _Reply:
+    kind: str
+    body: bytes
+
+
+class TaskHandle:
+    """A submitted task. ``await handle.result()`` in this process, or make one elsewhere with
+    ``client.handle(task_id)`` and ask the scheduler."""
+
+    def __init__(
+        self, client: Client, task_id: str, future: asyncio.Future[_Reply] | None, timeout: float
+    ) -> None:
+        self.client = client
+        self.task_id = task_id
+        self.timeout = timeout
+        self._future = future
+
+    def __repr__(self) -> str:
+        return f"TaskHandle({self.task_id!r})"
+
+    async def answer(self, timeout: float | None = None) -> Answer:
+        wait = timeout if timeout is not None else self.timeout + ANSWER_GRACE
+        if self._future is None:
+            return await self.client.answer(self.task_id, timeout=wait)
+        try:
+            reply = await asyncio.wait_for(asyncio.shield(self._future), wait)
+        except TimeoutError:
+            raise TaskTimeout(
+                self.task_id, f"no answer for {self.task_id} in {wait:.1f}s"
+            ) from None
+        return decode(Answer, reply.body)
+
+    async def result(self, timeout: float | None = None) -> Any:
+        return answer_value(await self.answer(timeout))
+
+    async def status(self) -> StatusReply:
+        return await self.client.status(self.task_id)
+
+
+class Client:
+    """``async with Client() as c: await c.call("echo", {"hi": 1})``."""
+
+    def __init__(self, settings: Settings | None = None, *, client_id: str | None = None) -> None:
+        self.settings = settings or Settings()
+        self.topology = Topology(self.settings.namespace)
+        self.client_id = client_id or uuid.uuid4().hex
+        self._conn: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._default: AbstractExchange | None = None
+        self._reply_queue = self.topology.reply_queue(self.client_id)
+        self._pending: dict[str, asyncio.Future[_Reply]] = {}
+
+    async def __aenter__(self) -> Client:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        self._conn = await transport.connect(self.settings, f"amqpsched-client-{self.client_id}")
+        try:
+            self._channel = await transport.confirm_channel(self._conn)
+            # Declared here too, so tasks submitted before any scheduler runs wait for it.
+            await self.topology.declare_submit(self._channel)
+            queue = await self.topology.declare_reply_queue(self._channel, self.client_id)
+            await queue.consume(self._on_reply, no_ack=True)
+            self._default = self._channel.default_exchange
+        except transport.BROKER_ERRORS as exc:
+            await self._conn.close()
+            raise BrokerError(f"client could not set up: {exc}") from exc
+
+    async def close(self) -> None:
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.cancel()
+        self._pending.clear()
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+    # -- replies -------------------------------------------------------------------------------
+    async def _on_reply(self, msg: IncomingMessage) -> None:
+        corr = msg.correlation_id
+        fut = self._pending.get(corr) if corr else None
+        if fut is None or fut.done():
+            return
+        try:
+            final = json.loads(msg.body).get("final") is True
+        except (ValueError, AttributeError):
+            log.warning("undecodable reply for %s ignored", corr)
+            return
+        if final:  # later protocol versions may send non-final messages first
+            del self._pending[corr]  # type: ignore[arg-type]
+            fut.set_result(_Reply(msg.type or "", msg.body))
+
+    async def _request(
+        self, kind: Kind, body: dict[str, Any], correlation_id: str | None = None
+    ) -> tuple[str, asyncio.Future[_Reply]]:
+        if self._default is None:
+            raise AmqpschedError("client is not connected; use 'async with Client()'")
+        corr = correlation_id or uuid.uuid4().hex
+        fut: asyncio.Future[_Reply] = asyncio.get_running_loop().create_future()
+        self._pending[corr] = fut
+        msg = transport.message(
+            json.dumps({"v": PROTOCOL_VERSION, **body}).encode(),
+            kind,
+            correlation_id=corr,
+            reply_to=self._reply_queue,
+            message_id=body.get("task_id"),
+        )
+        try:
+            await transport.publish(self._default, msg, self.topology.submit_queue, mandatory=True)
+        except BaseException:
+            self._pending.pop(corr, None)
+            raise
+        return corr, fut
+
+    async def _rpc(self, kind: Kind, body: dict[str, Any], timeout: float) -> _Reply:
+        corr, fut = await self._request(kind, body)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            self._pending.pop(corr, None)
+            raise TaskTimeout(
+                str(body.get("task_id", "")), f"no reply to {kind} in {timeout}s"
+            ) from None
+
+    # -- API -----------------------------------------------------------------------------------
+    async def submit(
+        self,
+        capability: str,
+        payload: Any,
+        *,
+        timeout: float | None = None,
+        task_id: str | None = None,
+    ) -> TaskHandle:
+        """Submit a task; its answer is pushed to this client. Returns at once with a handle."""
+        task_id = task_id or uuid.uuid4().hex
+        body: dict[str, Any] = {"capability": capability, "payload": payload, "task_id": task_id}
+        if timeout is not None:
+            body["timeout"] = timeout
+        _, fut = await self._request(Kind.SUBMIT, body)
+        return TaskHandle(self, task_id, fut, timeout or self.settings.default_timeout)
+
+    async def call(
+        self,
+        capability: str,
+        payload: Any,
+        *,
+        timeout: float | None = None,
+        task_id: str | None = None,
+    ) -> Any:
+        """Run a task and return its result; raise :class:`TaskFailed` (or a subclass) if it
+        failed, :class:`TaskTimeout` if no answer came in time."""
+        handle = await self.submit(capability, payload, timeout=timeout, task_id=task_id)
+        return await handle.result()
+
+    def handle(self, task_id: str, timeout: float | None = None) -> TaskHandle:
+        """A handle on a task submitted elsewhere (another process, an earlier run)."""
+        return TaskHandle(self, task_id, None, timeout or self.settings.default_timeout)
+
+    async def status(self, task_id: str, *, timeout: float = 10.0) -> StatusReply:
+        reply = await self._rpc(Kind.STATUS, {"task_id": task_id}, timeout)
+        return decode(StatusReply, reply.body)
+
+    async def answer(self, task_id: str, *, timeout: float = 60.0) -> Answer:
+        """The final answer of any task the scheduler remembers, waiting for it if needed."""
+        reply = await self._rpc(Kind.RESULT, {"task_id": task_id}, timeout)
+        if reply.kind == Kind.STATUS_REPLY:
+            status = decode(StatusReply, reply.body)
+            if status.state == TaskState.UNKNOWN:
+                raise UnknownTask(task_id, f"the scheduler does not know task {task_id}")
+            if status.answer is not None:
+                return status.answer
+        return decode(Answer, reply.body)
+
+    async def result(self, task_id: str, *, timeout: float = 60.0) -> Any:
+        return answer_value(await self.answer(task_id, timeout=timeout))
+
+    async def capabilities(self, *, timeout: float = 10.0) -> list[CatalogEntry]:
+        """The live catalog: each capability with its description, schema and workers."""
+        reply = await self._rpc(Kind.CAPABILITIES, {}, timeout)
+        return decode(CapabilitiesReply, reply.body).capabilities
+
+
+class SyncClient:
+    """A blocking wrapper for scripts: ``with SyncClient() as c: c.call("echo", 1)``.
+    Runs a private event loop in a thread."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._client = Client(settings)
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def __enter__(self) -> SyncClient:
+        self._thread.start()
+        self._run(self._client.connect())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._run(self._client.close())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+            self._loop.close()
+
+    def call(self, capability: str, payload: Any, *, timeout: float | None = None) -> Any:
+        return self._run(self._client.call(capability, payload, timeout=timeout))
+
+    def submit(self, capability: str, payload: Any, *, timeout: float | None = None) -> str:
+        return self._run(self._client.submit(capability, payload, timeout=timeout)).task_id
+
+    def result(self, task_id: str, *, timeout: float = 60.0) -> Any:
+        return self._run(self._client.result(task_id, timeout=timeout))
+
+    def status(self, task_id: str) -> StatusReply:
+        return self._run(self._client.status(task_id))
+
+    def capabilities(self) -> list[CatalogEntry]:
+        return self._run(self._client.capabilities())

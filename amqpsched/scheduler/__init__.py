@@ -1,0 +1,5 @@
+"""The scheduler: ``python -m amqpsched.scheduler``."""
+
+from .service import Scheduler
+
+__all__ = ["Scheduler"]

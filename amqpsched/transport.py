@@ -1,0 +1,171 @@
+"""The one place that speaks AMQP (with ``topology``): connecting, publishing with confirms,
+building messages, and turning aio-pika's errors into ours."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aio_pika
+import aiormq.exceptions
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractRobustConnection,
+    DeliveryMode,
+)
+
+from .errors import BrokerError
+from .protocol import CONTENT_TYPE, Kind
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+IncomingMessage = AbstractIncomingMessage
+
+#: Header names amqpsched sets on dead-lettered messages.
+H_REASON = "x-amqpsched-reason"
+H_ERROR = "x-amqpsched-error"
+H_CAPABILITY = "x-amqpsched-capability"
+H_SOURCE = "x-amqpsched-source"
+H_TASK_ID = "x-amqpsched-task-id"
+H_ORIGINAL_TYPE = "x-amqpsched-original-type"
+H_ORIGINAL_REPLY_TO = "x-amqpsched-original-reply-to"
+H_ORIGINAL_CORRELATION_ID = "x-amqpsched-original-correlation-id"
+
+BROKER_ERRORS: tuple[type[BaseException], ...] = (
+    aio_pika.exceptions.AMQPError,
+    aiormq.exceptions.AMQPError,
+    ConnectionError,
+    OSError,
+    asyncio.TimeoutError,
+)
+SETTLE_ERRORS: tuple[type[BaseException], ...] = (
+    *BROKER_ERRORS,
+    aio_pika.exceptions.MessageProcessError,
+)
+
+
+async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
+    """A robust connection: it reconnects by itself and restores channels, queues and consumers."""
+    try:
+        return await aio_pika.connect_robust(
+            settings.amqp_url.get_secret_value(),
+            client_properties={"connection_name": name},
+        )
+    except BROKER_ERRORS as exc:
+        raise BrokerError(
+            f"cannot connect to {settings.amqp_url_masked()}: {exc.__class__.__name__}: {exc}"
+        ) from exc
+
+
+@asynccontextmanager
+async def connection(settings: Settings, name: str) -> AsyncIterator[AbstractRobustConnection]:
+    conn = await connect(settings, name)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def confirm_channel(
+    conn: AbstractRobustConnection, prefetch: int | None = None
+) -> AbstractChannel:
+    try:
+        channel = await conn.channel(publisher_confirms=True, on_return_raises=True)
+        if prefetch is not None:
+            await channel.set_qos(prefetch_count=prefetch)
+    except BROKER_ERRORS as exc:
+        raise BrokerError(f"cannot open a channel: {exc}") from exc
+    return channel
+
+
+def message(
+    body: bytes,
+    kind: Kind,
+    *,
+    correlation_id: str | None = None,
+    reply_to: str | None = None,
+    message_id: str | None = None,
+    persistent: bool = True,
+    headers: Mapping[str, Any] | None = None,
+) -> aio_pika.Message:
+    return aio_pika.Message(
+        body,
+        content_type=CONTENT_TYPE,
+        type=kind.value,
+        correlation_id=correlation_id,
+        reply_to=reply_to,
+        message_id=message_id,
+        delivery_mode=DeliveryMode.PERSISTENT if persistent else DeliveryMode.NOT_PERSISTENT,
+        headers=dict(headers) if headers else None,
+    )
+
+
+async def publish(
+    exchange: AbstractExchange,
+    msg: aio_pika.Message,
+    routing_key: str,
+    *,
+    mandatory: bool = False,
+) -> None:
+    """Publish and wait for the broker's confirm; raise :class:`BrokerError` if none comes."""
+    try:
+        await exchange.publish(msg, routing_key, mandatory=mandatory)
+    except aio_pika.exceptions.PublishError as exc:
+        raise BrokerError(f"message to {routing_key!r} was not routed: {exc}") from exc
+    except BROKER_ERRORS as exc:
+        raise BrokerError(f"publish to {routing_key!r} failed: {exc.__class__.__name__}") from exc
+
+
+def dead_letter_message(
+    incoming: IncomingMessage,
+    *,
+    reason: str,
+    error: str,
+    source: str,
+    capability: str | None = None,
+    task_id: str | None = None,
+) -> aio_pika.Message:
+    """A copy of ``incoming`` for the dead-letter queue, its reason and origin in the headers."""
+    headers: dict[str, Any] = dict(incoming.headers or {})
+    headers.update(
+        {
+            H_REASON: reason,
+            H_ERROR: error[:2000],
+            H_SOURCE: source,
+            H_ORIGINAL_TYPE: incoming.type or "",
+            H_ORIGINAL_REPLY_TO: incoming.reply_to or "",
+            H_ORIGINAL_CORRELATION_ID: incoming.correlation_id or "",
+        }
+    )
+    if capability:
+        headers[H_CAPABILITY] = capability
+    if task_id:
+        headers[H_TASK_ID] = task_id
+    return aio_pika.Message(
+        incoming.body,
+        content_type=incoming.content_type,
+        type=incoming.type,
+        correlation_id=incoming.correlation_id,
+        reply_to=incoming.reply_to,
+        message_id=incoming.message_id,
+        delivery_mode=DeliveryMode.PERSISTENT,
+        headers=headers,
+    )
+
+
+async def settle(incoming: IncomingMessage, *, requeue: bool | None = None) -> None:
+    """Ack (``requeue`` None) or nack; a broken channel is logged, not raised: the broker will
+    redeliver the message, which is what at-least-once wants."""
+    try:
+        if requeue is None:
+            await incoming.ack()
+        else:
+            await incoming.nack(requeue=requeue)
+    except SETTLE_ERRORS as exc:
+        log.warning("could not settle message %s: %s", incoming.message_id, exc)

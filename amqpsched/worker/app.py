@@ -1,0 +1,113 @@
+"""Registering handlers: ``@app.capability("name", payload=Model)`` on a sync or async function."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, JsonValue, TypeAdapter, ValidationError
+
+from ..errors import ConfigurationError
+from ..protocol import CapabilityInfo, is_capability_name
+
+HandlerFunc = Callable[[Any], Any] | Callable[[Any], Awaitable[Any]]
+F = TypeVar("F", bound=Callable[..., Any])
+
+_JSON = TypeAdapter(JsonValue)
+
+
+class InvalidPayload(Exception):
+    """The payload does not fit the capability's schema (answered ``invalid_payload``)."""
+
+
+class InvalidResult(Exception):
+    """The handler returned something that is not JSON (answered ``handler_error``)."""
+
+
+@dataclass(frozen=True)
+class Handler:
+    name: str
+    func: HandlerFunc
+    description: str
+    payload_model: type[BaseModel] | None
+
+    @property
+    def is_async(self) -> bool:
+        return inspect.iscoroutinefunction(self.func)
+
+    def info(self) -> CapabilityInfo:
+        schema: dict[str, Any] = (
+            self.payload_model.model_json_schema() if self.payload_model is not None else {}
+        )
+        return CapabilityInfo(name=self.name, description=self.description, payload_schema=schema)
+
+    def parse(self, payload: JsonValue) -> Any:
+        if self.payload_model is None:
+            return payload
+        try:
+            return self.payload_model.model_validate(payload)
+        except ValidationError as exc:
+            raise InvalidPayload(str(exc)) from None
+
+
+def to_json(result: Any) -> JsonValue:
+    """A handler's return value as a JSON value (pydantic models are dumped)."""
+    if isinstance(result, BaseModel):
+        return result.model_dump(mode="json")
+    try:
+        value = _JSON.validate_python(result)
+        json.dumps(value)
+    except (ValidationError, TypeError, ValueError) as exc:
+        raise InvalidResult(
+            f"handler returned {type(result).__name__}, which is not JSON serialisable"
+        ) from exc
+    return value
+
+
+class WorkerApp:
+    """A set of capability handlers, loaded by ``python -m amqpsched.worker --app module``."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, Handler] = {}
+
+    @property
+    def handlers(self) -> Mapping[str, Handler]:
+        return self._handlers
+
+    def capability(
+        self, name: str, *, description: str = "", payload: type[BaseModel] | None = None
+    ) -> Callable[[F], F]:
+        if not is_capability_name(name):
+            raise ConfigurationError(f"invalid capability name {name!r}")
+
+        def register(func: F) -> F:
+            if name in self._handlers:
+                raise ConfigurationError(f"capability {name!r} is registered twice")
+            doc = description or (inspect.getdoc(func) or "").split("\n\n")[0]
+            self._handlers[name] = Handler(name, func, doc, payload)
+            return func
+
+        return register
+
+    def include(self, other: WorkerApp) -> None:
+        for name, handler in other.handlers.items():
+            if name in self._handlers:
+                raise ConfigurationError(f"capability {name!r} is registered twice")
+            self._handlers[name] = handler
+
+
+def load_app(spec: str) -> WorkerApp:
+    """``module`` or ``module:attribute``; the attribute defaults to ``app``."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(f"cannot import {module_name!r}: {exc}") from exc
+    app = getattr(module, attr or "app", None)
+    if not isinstance(app, WorkerApp):
+        raise ConfigurationError(f"{spec!r} is not an amqpsched WorkerApp")
+    return app

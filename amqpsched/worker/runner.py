@@ -1,0 +1,328 @@
+"""The worker process: consumes capability queues, runs handlers, reports outcomes, heartbeats."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import traceback
+import uuid
+from collections.abc import Awaitable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, cast
+
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, AbstractRobustConnection
+
+from .. import transport
+from ..errors import AmqpschedError, BrokerError, ConfigurationError, DecodeError
+from ..protocol import (
+    ErrorInfo,
+    ErrorType,
+    Kind,
+    OutcomeEvent,
+    StartedEvent,
+    Status,
+    TaskMessage,
+    WorkerAnnouncement,
+    decode,
+    encode,
+)
+from ..settings import Settings
+from ..topology import Topology
+from ..transport import IncomingMessage
+from .app import Handler, InvalidPayload, InvalidResult, WorkerApp, to_json
+
+log = logging.getLogger("amqpsched.worker")
+
+
+class Worker:
+    """Runs ``app``'s handlers for ``capabilities``. ``async with Worker(...)`` starts it;
+    :meth:`stop` drains it: prefetched tasks go back to the queue, running ones finish."""
+
+    def __init__(
+        self,
+        app: WorkerApp,
+        capabilities: Iterable[str],
+        settings: Settings,
+        *,
+        concurrency: int | None = None,
+        worker_id: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.topology = Topology(settings.namespace)
+        names = list(dict.fromkeys(capabilities)) or list(app.handlers)
+        missing = [n for n in names if n not in app.handlers]
+        if missing:
+            known = ", ".join(sorted(app.handlers)) or "none"
+            raise ConfigurationError(f"no handler for {', '.join(missing)} (known: {known})")
+        if not names:
+            raise ConfigurationError("a worker needs at least one capability")
+        self.handlers: dict[str, Handler] = {n: app.handlers[n] for n in names}
+        self.concurrency = concurrency or settings.concurrency
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._slots = asyncio.Semaphore(self.concurrency)
+        self._running: set[asyncio.Task[Any]] = set()
+        self._in_flight = 0
+        self._stopping = asyncio.Event()
+        self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="amqpsched-sync")
+        self._conn: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._default: AbstractExchange | None = None
+        self._registry: AbstractExchange | None = None
+        self._consumers: list[tuple[AbstractQueue, str]] = []
+        self._heartbeat: asyncio.Task[None] | None = None
+        self.consuming = False
+        self.executed = 0
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def __aenter__(self) -> Worker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        self._conn = await transport.connect(self.settings, f"amqpsched-worker-{self.worker_id}")
+        try:
+            channel = await transport.confirm_channel(self._conn, prefetch=self.concurrency)
+            self._channel = channel
+            await self.topology.declare_core(channel)
+            self._default = channel.default_exchange
+            self._registry = await channel.get_exchange(self.topology.registry_exchange)
+            for name in self.handlers:
+                queue = await self.topology.declare_capability(channel, name)
+                tag = await queue.consume(self._on_task)
+                self._consumers.append((queue, tag))
+        except transport.BROKER_ERRORS as exc:
+            await self._conn.close()
+            raise BrokerError(f"worker could not set up its topology: {exc}") from exc
+        self.consuming = True
+        await self._announce(Kind.HELLO)
+        self._heartbeat = asyncio.create_task(self._heartbeat_forever(), name="amqpsched-heartbeat")
+        log.info(
+            "worker %s consuming %s (concurrency %d)",
+            self.worker_id,
+            ",".join(self.handlers),
+            self.concurrency,
+        )
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop taking tasks, hand back unstarted ones, finish running ones within ``timeout``."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        self.consuming = False
+        for queue, tag in self._consumers:
+            try:
+                await queue.cancel(tag)
+            except transport.BROKER_ERRORS as exc:
+                log.warning("could not cancel consumer %s: %s", tag, exc)
+        limit = self.settings.shutdown_timeout if timeout is None else timeout
+        if self._running:
+            log.info("waiting up to %.0fs for %d running task(s)", limit, len(self._running))
+            _, pending = await asyncio.wait(set(self._running), timeout=limit)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning("%d task(s) did not finish in time; they will run again", len(pending))
+                await asyncio.wait(pending, timeout=1)
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
+        try:
+            await self._announce(Kind.GOODBYE)
+        except AmqpschedError as exc:
+            log.warning("could not say goodbye: %s", exc)
+        if self._conn is not None:
+            await self._conn.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        log.info("worker %s stopped after %d task(s)", self.worker_id, self.executed)
+
+    @property
+    def ready(self) -> bool:
+        return self.consuming and self._conn is not None and not self._conn.is_closed
+
+    # -- registration --------------------------------------------------------------------------
+    def announcement(self) -> WorkerAnnouncement:
+        return WorkerAnnouncement(
+            worker_id=self.worker_id,
+            hostname=socket.gethostname(),
+            pid=os.getpid(),
+            capabilities=[h.info() for h in self.handlers.values()],
+            concurrency=self.concurrency,
+            in_flight=self._in_flight,
+            sent_at=time.time(),
+        )
+
+    async def _announce(self, kind: Kind) -> None:
+        assert self._registry is not None
+        body = encode(self.announcement())
+        await transport.publish(self._registry, transport.message(body, kind, persistent=False), "")
+
+    async def _heartbeat_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval)
+            try:
+                await self._announce(Kind.HEARTBEAT)
+            except AmqpschedError as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    # -- tasks ---------------------------------------------------------------------------------
+    async def _on_task(self, msg: IncomingMessage) -> None:
+        current = asyncio.current_task()
+        if current is not None:
+            self._running.add(current)
+        try:
+            await self._take(msg)
+        finally:
+            if current is not None:
+                self._running.discard(current)
+
+    async def _take(self, msg: IncomingMessage) -> None:
+        try:
+            task = decode(TaskMessage, msg.body)
+        except DecodeError as exc:
+            await self._dead_letter(msg, exc.reason, exc.detail)
+            return
+        if not await self._acquire_slot():
+            await transport.settle(msg, requeue=True)  # draining: hand it back at once
+            return
+        self._in_flight += 1
+        try:
+            await self._execute(msg, task)
+        except AmqpschedError as exc:
+            log.warning("task %s not reported, it will be redelivered: %s", task.task_id, exc)
+            await transport.settle(msg, requeue=True)
+        except asyncio.CancelledError:
+            await transport.settle(msg, requeue=True)
+            raise
+        finally:
+            self._in_flight -= 1
+            self._slots.release()
+
+    async def _acquire_slot(self) -> bool:
+        """Wait for a free slot; False when the worker started draining first."""
+        if self._stopping.is_set():
+            return False
+        acquire = asyncio.ensure_future(self._slots.acquire())
+        stop = asyncio.ensure_future(self._stopping.wait())
+        await asyncio.wait({acquire, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if acquire.done() and not acquire.cancelled():
+            if self._stopping.is_set():
+                self._slots.release()
+                return False
+            return True
+        acquire.cancel()
+        return False
+
+    async def _execute(self, msg: IncomingMessage, task: TaskMessage) -> None:
+        handler = self.handlers.get(task.capability)
+        started_at = time.time()
+        if started_at > task.deadline:
+            await self._report(
+                msg,
+                task,
+                None,
+                Status.FAILED,
+                None,
+                _error(
+                    ErrorType.EXPIRED, "the task's timeout passed before a worker could start it"
+                ),
+            )
+            return
+        if handler is None:  # only if a queue is shared with another app's capability
+            await self._dead_letter(msg, "no_handler", f"no handler for {task.capability!r}")
+            return
+        await self._publish_event(
+            Kind.STARTED,
+            StartedEvent(
+                task_id=task.task_id,
+                attempt=task.attempt,
+                worker_id=self.worker_id,
+                started_at=started_at,
+            ),
+        )
+        result: Any = None
+        error: ErrorInfo | None = None
+        try:
+            payload = handler.parse(task.payload)
+            result = to_json(await self._call(handler, payload))
+        except InvalidPayload as exc:
+            error = _error(ErrorType.INVALID_PAYLOAD, str(exc))
+        except InvalidResult as exc:
+            error = _error(ErrorType.HANDLER_ERROR, str(exc), exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            error = _error(ErrorType.HANDLER_ERROR, str(exc) or repr(exc), exc)
+        self.executed += 1
+        status = Status.SUCCEEDED if error is None else Status.FAILED
+        await self._report(msg, task, started_at, status, result, error)
+
+    async def _call(self, handler: Handler, payload: Any) -> Any:
+        if handler.is_async:
+            return await cast(Awaitable[Any], handler.func(payload))
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, handler.func, payload)
+
+    async def _report(
+        self,
+        msg: IncomingMessage,
+        task: TaskMessage,
+        started_at: float | None,
+        status: Status,
+        result: Any,
+        error: ErrorInfo | None,
+    ) -> None:
+        outcome = OutcomeEvent(
+            task_id=task.task_id,
+            capability=task.capability,
+            attempt=task.attempt,
+            worker_id=self.worker_id,
+            status=status,
+            result=result,
+            error=error,
+            reply_to=task.reply_to,
+            correlation_id=task.correlation_id,
+            submitted_at=task.submitted_at,
+            started_at=started_at,
+            finished_at=time.time(),
+        )
+        # The outcome is confirmed by the broker before the task is acked: never lost.
+        await self._publish_event(Kind.OUTCOME, outcome)
+        await transport.settle(msg)
+        if error is not None:
+            log.info("task %s failed: %s: %s", task.task_id, error.type.value, error.message)
+
+    async def _publish_event(self, kind: Kind, event: StartedEvent | OutcomeEvent) -> None:
+        assert self._default is not None
+        await transport.publish(
+            self._default,
+            transport.message(encode(event), kind, message_id=event.task_id),
+            self.topology.results_queue,
+            mandatory=True,
+        )
+
+    async def _dead_letter(self, msg: IncomingMessage, reason: str, detail: str) -> None:
+        assert self._channel is not None
+        dlx = await self._channel.get_exchange(self.topology.dead_letter_exchange)
+        await transport.publish(
+            dlx,
+            transport.dead_letter_message(msg, reason=reason, error=detail, source="worker"),
+            "",
+        )
+        await transport.settle(msg)
+        log.warning("dead-lettered message %s: %s: %s", msg.message_id, reason, detail)
+
+
+def _error(kind: ErrorType, message: str, exc: BaseException | None = None) -> ErrorInfo:
+    return ErrorInfo(
+        type=kind,
+        message=message[:4000],
+        exception=type(exc).__name__ if exc is not None else None,
+        traceback="".join(traceback.format_exception(exc))[-8000:] if exc is not None else None,
+    )

@@ -1,0 +1,382 @@
+"""Client -> scheduler -> worker -> back, on the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+import aio_pika
+import pytest
+from PIL import Image
+from pydantic import BaseModel
+
+from amqpsched import NoWorkerAvailable, SyncClient, TaskFailed, TaskTimeout, UnknownTask, WorkerApp
+from amqpsched.protocol import TaskState
+from amqpsched.transport import H_CAPABILITY, H_REASON, H_SOURCE
+from amqpsched.worker.builtin import app as builtin_app
+
+from .conftest import System
+
+
+def _png(width: int, height: int) -> str:
+    img = Image.new("RGB", (width, height), (200, 30, 90))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+async def test_echo_round_trip(system: System) -> None:
+    await system.scheduler()
+    await system.worker("echo")
+    client = await system.client()
+    payload = {"text": "héllo", "n": [1, 2.5, None, True]}
+    assert await client.call("echo", payload, timeout=10) == payload
+
+
+async def test_sleep_round_trip(system: System) -> None:
+    await system.scheduler()
+    await system.worker("sleep")
+    client = await system.client()
+    assert await client.call("sleep", {"seconds": 0.05}, timeout=10) == {"slept": 0.05}
+
+
+async def test_resize_returns_a_png_of_the_asked_size(system: System) -> None:
+    await system.scheduler()
+    await system.worker("resize")
+    client = await system.client()
+    result = await client.call("resize", {"image": _png(300, 200), "width": 64, "height": 48})
+    assert isinstance(result, dict)
+    assert (result["width"], result["height"]) == (64, 48)
+    image = base64.b64decode(str(result["image"]))
+    with Image.open(io.BytesIO(image)) as img:
+        assert img.format == "PNG"
+        assert img.size == (64, 48)
+
+
+async def test_resize_with_a_bad_payload_is_invalid_payload(system: System) -> None:
+    await system.scheduler()
+    await system.worker("resize")
+    client = await system.client()
+    with pytest.raises(TaskFailed) as info:
+        await client.call("resize", {"image": "not base64!", "width": 0, "height": 5})
+    assert info.value.error_type == "invalid_payload"
+    assert "width" in info.value.error_message
+    not_an_image = base64.b64encode(b"hello").decode()
+    with pytest.raises(TaskFailed) as info:
+        await client.call("resize", {"image": not_an_image, "width": 5, "height": 5})
+    assert info.value.error_type == "invalid_payload"
+
+
+async def test_thousand_concurrent_calls_share_one_client(system: System) -> None:
+    await system.scheduler()
+    await system.worker("echo", concurrency=64)
+    client = await system.client()
+    results = await asyncio.gather(*(client.call("echo", i, timeout=60) for i in range(1000)))
+    assert results == list(range(1000))
+
+
+async def test_two_workers_share_a_capability(system: System) -> None:
+    await system.scheduler()
+    a = await system.worker("sleep", concurrency=2)
+    b = await system.worker("sleep", concurrency=2)
+    client = await system.client()
+    handles = [await client.submit("sleep", {"seconds": 0.1}) for _ in range(12)]
+    answers = [await h.answer() for h in handles]
+    by_worker = Counter(a.worker_id for a in answers)
+    assert set(by_worker) == {a.worker_id, b.worker_id}
+    assert a.executed + b.executed == 12
+
+
+async def test_task_submitted_before_any_worker_runs_once_one_starts(system: System) -> None:
+    await system.scheduler()
+    client = await system.client()
+    handle = await client.submit("echo", "early", timeout=30)
+    status = await handle.status()
+    assert status.state in (TaskState.QUEUED, TaskState.DISPATCHED)
+    await system.worker("echo")
+    assert await handle.result() == "early"
+
+
+async def test_task_submitted_before_the_scheduler_runs_is_answered(system: System) -> None:
+    client = await system.client()
+    handle = await client.submit("echo", "before scheduler", timeout=30)
+    await system.worker("echo")
+    await system.scheduler()
+    assert await handle.result() == "before scheduler"
+
+
+async def test_no_worker_before_timeout_is_answered_no_worker(system: System) -> None:
+    await system.scheduler()
+    system.capabilities.add("nobody")
+    client = await system.client()
+    with pytest.raises(NoWorkerAvailable) as info:
+        await client.call("nobody", {}, timeout=0.5)
+    assert info.value.error_type == "no_worker"
+    assert "nobody" in info.value.error_message
+
+
+async def test_busy_workers_past_timeout_is_expired_not_no_worker(system: System) -> None:
+    await system.scheduler()
+    await system.worker("sleep", concurrency=1)
+    client = await system.client()
+    blocker = await client.submit("sleep", {"seconds": 2}, timeout=10)
+    with pytest.raises(TaskFailed) as info:
+        await client.call("sleep", {"seconds": 0}, timeout=0.5)
+    assert info.value.error_type == "expired"
+    assert await blocker.result() == {"slept": 2}
+
+
+class Boom(BaseModel):
+    message: str
+
+
+def _failing_app() -> WorkerApp:
+    app = WorkerApp()
+
+    @app.capability("boom", payload=Boom)
+    async def boom(p: Boom) -> None:
+        raise RuntimeError(p.message)
+
+    @app.capability("syncboom")
+    def syncboom(p: Any) -> None:
+        raise KeyError(p)
+
+    @app.capability("notjson")
+    async def notjson(p: Any) -> object:
+        return object()
+
+    return app
+
+
+async def test_handler_that_raises_is_handler_error_and_worker_survives(system: System) -> None:
+    await system.scheduler()
+    app = _failing_app()
+    app.include(builtin_app)
+    await system.worker("boom", "syncboom", "notjson", "echo", app=app)
+    client = await system.client()
+    with pytest.raises(TaskFailed) as info:
+        await client.call("boom", {"message": "it broke"}, timeout=10)
+    assert info.value.error_type == "handler_error"
+    assert info.value.error_message == "it broke"
+    assert info.value.detail["exception"] == "RuntimeError"
+    assert "RuntimeError: it broke" in str(info.value.detail["traceback"])
+    with pytest.raises(TaskFailed) as info:
+        await client.call("syncboom", "k", timeout=10)
+    assert info.value.detail["exception"] == "KeyError"
+    with pytest.raises(TaskFailed) as info:
+        await client.call("notjson", 1, timeout=10)
+    assert "not JSON" in info.value.error_message
+    assert await client.call("echo", "still alive", timeout=10) == "still alive"
+
+
+async def test_status_and_result_by_task_id_from_a_second_client(system: System) -> None:
+    await system.scheduler()
+    await system.worker("echo", "sleep")
+    first = await system.client()
+    second = await system.client()
+    handle = await first.submit("sleep", {"seconds": 0.3}, task_id=f"job-{uuid.uuid4().hex}")
+    # The second client waits for a result that is not there yet: pushed when it is.
+    remote = second.handle(handle.task_id)
+    assert await remote.result(timeout=10) == {"slept": 0.3}
+    assert await handle.result() == {"slept": 0.3}
+    for _ in range(2):
+        status = await second.status(handle.task_id)
+        assert status.state == TaskState.SUCCEEDED
+        assert status.answer is not None
+        assert status.answer.result == {"slept": 0.3}
+        assert await second.result(handle.task_id) == {"slept": 0.3}
+    with pytest.raises(UnknownTask):
+        await second.result("never-submitted")
+    assert (await second.status("never-submitted")).state == TaskState.UNKNOWN
+
+
+async def test_same_task_id_twice_runs_once_and_answers_both(system: System) -> None:
+    await system.scheduler()
+    worker = await system.worker("sleep")
+    client = await system.client()
+    task_id = f"dup-{uuid.uuid4().hex}"
+    h1 = await client.submit("sleep", {"seconds": 0.2}, task_id=task_id)
+    h2 = await client.submit("sleep", {"seconds": 0.2}, task_id=task_id)
+    assert await h1.result() == await h2.result() == {"slept": 0.2}
+    h3 = await client.submit("sleep", {"seconds": 0.2}, task_id=task_id)
+    assert await h3.result() == {"slept": 0.2}
+    assert worker.executed == 1
+
+
+async def test_capabilities_lists_the_live_catalog(system: System) -> None:
+    await system.scheduler()
+    await system.worker("resize", "echo", concurrency=3)
+    client = await system.client()
+    catalog = {c.name: c for c in await client.capabilities()}
+    assert set(catalog) == {"resize", "echo"}
+    assert catalog["resize"].workers == 1
+    assert catalog["resize"].slots == 3
+    assert "width" in json.dumps(catalog["resize"].payload_schema)
+    assert catalog["resize"].description
+
+
+async def test_a_stopped_worker_leaves_the_catalog(system: System) -> None:
+    await system.scheduler()
+    worker = await system.worker("echo")
+    client = await system.client()
+    assert [c.name for c in await client.capabilities()] == ["echo"]
+    await worker.stop()
+    async with asyncio.timeout(5):
+        while await client.capabilities():
+            await asyncio.sleep(0.05)
+
+
+async def test_client_gives_up_with_task_timeout(system: System) -> None:
+    # No scheduler at all: nobody can answer, and the call must not hang.
+    client = await system.client()
+    handle = await client.submit("echo", 1, timeout=0.2)
+    with pytest.raises(TaskTimeout):
+        await handle.result(timeout=0.5)
+
+
+@pytest.mark.system
+async def test_sync_client_for_scripts(system: System, spawn: Any) -> None:
+    sched = spawn(["-m", "amqpsched.scheduler"], system.env(), "scheduler")
+    worker = spawn(["-m", "amqpsched.worker", "-c", "echo"], system.env(), "worker")
+    await sched.wait_for_output("consuming")
+    await worker.wait_for_output("consuming")
+
+    def script() -> None:
+        with SyncClient(system.settings) as client:
+            assert client.call("echo", {"sync": True}, timeout=10) == {"sync": True}
+            task_id = client.submit("echo", 7, timeout=10)
+            assert client.result(task_id, timeout=10) == 7
+            assert client.status(task_id).state == TaskState.SUCCEEDED
+            # The worker may have said hello before the scheduler listened: its next
+            # heartbeat registers it.
+            deadline = time.monotonic() + 10
+            while not client.capabilities() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert [c.name for c in client.capabilities()] == ["echo"]
+
+    await asyncio.wait_for(asyncio.to_thread(script), 60)
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+
+class RawClient:
+    """Publishes raw bytes to tasks.submit the way any AMQP client could."""
+
+    def __init__(self, system: System) -> None:
+        self.system = system
+
+    async def __aenter__(self) -> RawClient:
+        self.conn = await aio_pika.connect(self.system.settings.amqp_url.get_secret_value())
+        self.channel = await self.conn.channel()
+        self.replies = await self.channel.declare_queue(exclusive=True)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.conn.close()
+
+    async def send(self, body: bytes, *, reply: bool = True, type_: str | None = None) -> str:
+        corr = uuid.uuid4().hex
+        await self.channel.default_exchange.publish(
+            aio_pika.Message(
+                body,
+                content_type="application/json",
+                correlation_id=corr,
+                reply_to=self.replies.name if reply else None,
+                type=type_,
+            ),
+            routing_key=self.system.topology.submit_queue,
+        )
+        return corr
+
+    async def reply(self, corr: str, timeout: float = 10) -> dict[str, Any]:
+        async with asyncio.timeout(timeout):
+            while True:
+                msg = await self.replies.get(fail=False, no_ack=True)
+                if msg is None:
+                    await asyncio.sleep(0.02)
+                elif msg.correlation_id == corr:
+                    data: dict[str, Any] = json.loads(msg.body)
+                    return data
+
+
+BAD_INPUTS = [
+    ("malformed_json", b'{"v": 1, "capability": ', None),
+    ("malformed_body", b'"just a string"', None),
+    ("invalid_fields", b'{"v": 1, "capability": 42, "payload": 1}', None),
+    ("invalid_fields", b'{"v": 1, "capability": "echo"}', None),
+    ("missing_version", b'{"capability": "echo", "payload": 1}', None),
+    ("unknown_version", b'{"v": 99, "capability": "echo", "payload": 1}', None),
+    ("unknown_type", b'{"v": 1}', "frobnicate"),
+    ("timeout_too_large", b'{"v": 1, "capability": "echo", "payload": 1, "timeout": 1e12}', None),
+]
+
+
+@pytest.mark.parametrize(("reason", "body", "type_"), BAD_INPUTS)
+async def test_bad_input_is_answered_and_dead_lettered(
+    system: System, reason: str, body: bytes, type_: str | None
+) -> None:
+    await system.scheduler()
+    await system.worker("echo")
+    async with RawClient(system) as raw:
+        corr = await raw.send(body, type_=type_)
+        answer = await raw.reply(corr)
+    assert answer["final"] is True
+    assert answer["status"] == "failed"
+    assert answer["error"]["type"] == "invalid_request"
+    assert answer["error"]["message"].startswith(reason)
+    [dead] = await system.dead_letters(1)
+    assert dead.body == body
+    assert dead.headers[H_REASON] == reason
+    assert dead.headers[H_SOURCE] == "scheduler"
+    client = await system.client()
+    assert await client.call("echo", "still serving", timeout=10) == "still serving"
+
+
+async def test_too_large_body_is_answered_and_dead_lettered(system_factory: Any) -> None:
+    system: System = system_factory(max_message_bytes=1000)
+    try:
+        await system.scheduler()
+        await system.worker("echo")
+        body = json.dumps({"v": 1, "capability": "echo", "payload": "x" * 2000}).encode()
+        async with RawClient(system) as raw:
+            answer = await raw.reply(await raw.send(body))
+        assert answer["error"]["type"] == "invalid_request"
+        assert "too_large" in answer["error"]["message"]
+        [dead] = await system.dead_letters(1)
+        assert dead.headers[H_REASON] == "too_large"
+        assert dead.headers[H_CAPABILITY] == "echo"
+        assert len(dead.body) == len(body)
+        client = await system.client()
+        assert await client.call("echo", "small", timeout=10) == "small"
+    finally:
+        await system.close()
+
+
+async def test_missing_reply_to_is_dead_lettered_without_answer(system: System) -> None:
+    await system.scheduler()
+    await system.worker("echo")
+    body = b'{"v": 1, "capability": "echo", "payload": 1}'
+    async with RawClient(system) as raw:
+        await raw.send(body, reply=False)
+        [dead] = await system.dead_letters(1)
+    assert dead.headers[H_REASON] == "missing_reply_to"
+    assert dead.body == body
+    client = await system.client()
+    assert await client.call("echo", "after", timeout=10) == "after"
+
+
+async def test_bad_answer_carries_client_task_id_when_readable(system: System) -> None:
+    await system.scheduler()
+    async with RawClient(system) as raw:
+        body = b'{"v": 1, "capability": "echo", "task_id": "mine-1"}'
+        answer = await raw.reply(await raw.send(body))
+    assert answer["task_id"] == "mine-1"
+    assert answer["error"]["type"] == "invalid_request"
+    await system.dead_letters(1)

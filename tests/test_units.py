@@ -1,0 +1,274 @@
+"""Pure logic, no broker: protocol decoding, the worker registry, task state, settings, handlers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from amqpsched.errors import ConfigurationError, DecodeError
+from amqpsched.protocol import (
+    Answer,
+    ErrorType,
+    Kind,
+    Status,
+    SubmitRequest,
+    TaskState,
+    WorkerAnnouncement,
+    decode,
+)
+from amqpsched.scheduler.registry import WorkerRegistry
+from amqpsched.scheduler.state import MemoryTaskStore, TaskRecord, timeout_error
+from amqpsched.schemas import check_or_write, rendered
+from amqpsched.settings import Settings, mask_url
+from amqpsched.worker.app import InvalidPayload, InvalidResult, WorkerApp, to_json
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- protocol ------------------------------------------------------------------------------------
+
+
+def test_submit_decodes_with_defaults() -> None:
+    req = decode(SubmitRequest, b'{"v": 1, "capability": "echo", "payload": [1, {"a": null}]}')
+    assert req.capability == "echo"
+    assert req.payload == [1, {"a": None}]
+    assert req.timeout is None
+    assert req.task_id is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"{not json", "malformed_json"),
+        (b"\xff\xfe", "malformed_json"),
+        (b"[1, 2]", "malformed_body"),
+        (b'{"capability": "echo", "payload": 1}', "missing_version"),
+        (b'{"v": 2, "capability": "echo", "payload": 1}', "unknown_version"),
+        (b'{"v": 1, "payload": 1}', "invalid_fields"),
+        (b'{"v": 1, "capability": 5, "payload": 1}', "invalid_fields"),
+        (b'{"v": 1, "capability": "a b", "payload": 1}', "invalid_fields"),
+        (b'{"v": 1, "capability": "echo", "payload": 1, "timeout": -1}', "invalid_fields"),
+        (b'{"v": 1, "capability": "echo", "payload": 1, "extra": 1}', "invalid_fields"),
+        (b'{"v": 1, "capability": "echo", "payload": 1, "task_id": ""}', "invalid_fields"),
+    ],
+)
+def test_bad_bodies_raise_one_error_type_with_reason_and_raw(raw: bytes, reason: str) -> None:
+    with pytest.raises(DecodeError) as info:
+        decode(SubmitRequest, raw)
+    assert info.value.reason == reason
+    assert info.value.raw == raw
+    assert info.value.detail
+
+
+def test_invalid_fields_name_the_field() -> None:
+    with pytest.raises(DecodeError) as info:
+        decode(SubmitRequest, b'{"v": 1, "capability": "echo"}')
+    assert "payload" in info.value.detail
+
+
+def test_committed_schemas_match_the_models() -> None:
+    directory = ROOT / "docs" / "schemas"
+    for name, text in rendered().items():
+        assert (directory / name).read_text() == text, f"{name} is stale: run amqpsched schema"
+    assert check_or_write(directory, check=True) == 0
+
+
+def test_schema_check_detects_drift(tmp_path: Path) -> None:
+    assert check_or_write(tmp_path, check=False) == 0
+    assert check_or_write(tmp_path, check=True) == 0
+    (tmp_path / "answer.schema.json").write_text("{}")
+    assert check_or_write(tmp_path, check=True) == 1
+
+
+def test_answer_json_has_the_contract_fields() -> None:
+    answer = Answer(task_id="t1", status=Status.SUCCEEDED, result={"x": 1})
+    data = json.loads(answer.model_dump_json())
+    assert data["final"] is True
+    assert data["v"] == 1
+    assert data["status"] == "succeeded"
+    assert data["result"] == {"x": 1}
+
+
+# -- registry ------------------------------------------------------------------------------------
+
+
+def _ann(
+    worker_id: str, *caps: str, concurrency: int = 2, in_flight: int = 0
+) -> WorkerAnnouncement:
+    return WorkerAnnouncement.model_validate(
+        {
+            "worker_id": worker_id,
+            "capabilities": [{"name": c, "description": f"{c} it"} for c in caps],
+            "concurrency": concurrency,
+            "in_flight": in_flight,
+            "sent_at": 0.0,
+        }
+    )
+
+
+def test_worker_is_live_until_deadline_then_swept() -> None:
+    reg = WorkerRegistry(heartbeat_interval=1.0, miss_limit=3)
+    reg.observe(Kind.HELLO, _ann("w1", "resize"), now=100.0)
+    assert reg.has_live("resize")
+    assert not reg.has_live("echo")
+    assert reg.sweep(now=102.9) == []
+    reg.observe(Kind.HEARTBEAT, _ann("w1", "resize"), now=102.9)
+    assert reg.sweep(now=105.8) == []
+    assert reg.sweep(now=106.0) == ["w1"]
+    assert not reg.has_live("resize")
+
+
+def test_goodbye_removes_at_once() -> None:
+    reg = WorkerRegistry(1.0, 3)
+    reg.observe(Kind.HELLO, _ann("w1", "echo"), now=0.0)
+    reg.observe(Kind.GOODBYE, _ann("w1", "echo"), now=0.1)
+    assert not reg.has_live("echo")
+    assert len(reg) == 0
+
+
+def test_heartbeat_from_unknown_worker_registers_it() -> None:
+    reg = WorkerRegistry(1.0, 3)
+    reg.observe(Kind.HEARTBEAT, _ann("w9", "echo"), now=0.0)
+    assert reg.has_live("echo")
+
+
+def test_catalog_sums_workers_slots_and_load() -> None:
+    reg = WorkerRegistry(1.0, 3)
+    reg.observe(Kind.HELLO, _ann("w1", "echo", "resize", concurrency=4, in_flight=1), now=0.0)
+    reg.observe(Kind.HELLO, _ann("w2", "resize", concurrency=2, in_flight=2), now=0.5)
+    catalog = {e.name: e for e in reg.catalog()}
+    assert catalog["resize"].workers == 2
+    assert catalog["resize"].slots == 6
+    assert catalog["resize"].in_flight == 3
+    assert catalog["echo"].workers == 1
+    assert catalog["echo"].description == "echo it"
+
+
+# -- task state ----------------------------------------------------------------------------------
+
+
+def _record(task_id: str, deadline: float, capability: str = "echo") -> TaskRecord:
+    return TaskRecord(task_id, capability, "r", "c", submitted_at=0.0, deadline=deadline)
+
+
+def _answer(task_id: str) -> Answer:
+    return Answer(task_id=task_id, status=Status.SUCCEEDED, result=1)
+
+
+def test_due_returns_unstarted_records_past_deadline_once() -> None:
+    store = MemoryTaskStore(retention=10, max_size=100)
+    store.add(_record("a", 5.0))
+    store.add(_record("b", 3.0))
+    running = _record("c", 1.0)
+    running.state = TaskState.RUNNING
+    store.add(running)
+    done = _record("d", 2.0)
+    store.add(done)
+    store.finish(done, _answer("d"), now=1.5)
+    assert store.due(now=0.5) == []
+    assert [r.task_id for r in store.due(now=4.0)] == ["b"]
+    assert store.due(now=4.0) == []
+    assert [r.task_id for r in store.due(now=6.0)] == ["a"]
+
+
+def test_finished_records_kept_for_retention_then_purged() -> None:
+    store = MemoryTaskStore(retention=10, max_size=100)
+    rec = _record("a", 100.0)
+    store.add(rec)
+    store.finish(rec, _answer("a"), now=1.0)
+    assert store.purge(now=10.9) == 0
+    assert store.get("a") is rec
+    assert rec.state == TaskState.SUCCEEDED
+    assert store.purge(now=11.1) == 1
+    assert store.get("a") is None
+
+
+def test_store_is_bounded_and_drops_finished_first() -> None:
+    store = MemoryTaskStore(retention=1000, max_size=3)
+    for i in range(3):
+        store.add(_record(f"t{i}", 100.0))
+    first = store.get("t0")
+    assert first is not None
+    store.finish(store.get("t1") or first, _answer("t1"), now=1.0)
+    store.add(_record("t3", 100.0))
+    assert store.get("t1") is None  # the finished one went first
+    assert store.get("t0") is not None
+    store.add(_record("t4", 100.0))
+    assert store.get("t0") is None  # then the oldest
+    assert len(store) == 3
+
+
+def test_timeout_error_tells_no_worker_from_expired() -> None:
+    assert timeout_error(has_live_worker=False) == ErrorType.NO_WORKER
+    assert timeout_error(has_live_worker=True) == ErrorType.EXPIRED
+
+
+# -- settings ------------------------------------------------------------------------------------
+
+
+def test_password_never_in_repr_or_masked_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AMQPSCHED_AMQP_URL", "amqp://alice:s3cr3t@broker:5672/prod")
+    settings = Settings()
+    assert "s3cr3t" not in repr(settings)
+    assert "s3cr3t" not in str(settings)
+    assert settings.amqp_url_masked() == "amqp://alice:***@broker:5672/prod"
+    assert settings.amqp_url.get_secret_value().endswith("@broker:5672/prod")
+
+
+def test_mask_url_without_password_is_unchanged() -> None:
+    assert mask_url("amqp://localhost/") == "amqp://localhost/"
+
+
+def test_settings_read_env_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AMQPSCHED_DEFAULT_TIMEOUT", "12.5")
+    monkeypatch.setenv("AMQPSCHED_CONCURRENCY", "3")
+    settings = Settings()
+    assert settings.default_timeout == 12.5
+    assert settings.concurrency == 3
+
+
+def test_env_example_lists_every_setting() -> None:
+    text = (ROOT / ".env.example").read_text()
+    for name in Settings.model_fields:
+        assert f"AMQPSCHED_{name.upper()}" in text, name
+
+
+# -- handlers ------------------------------------------------------------------------------------
+
+
+class Point(BaseModel):
+    x: int
+
+
+def test_handler_registration_and_payload_parsing() -> None:
+    app = WorkerApp()
+
+    @app.capability("pt", payload=Point)
+    def pt(p: Point) -> int:
+        """Doubles x.
+
+        More text."""
+        return p.x * 2
+
+    handler = app.handlers["pt"]
+    assert handler.description == "Doubles x."
+    assert handler.parse({"x": 2}) == Point(x=2)
+    assert handler.info().payload_schema["properties"] == {"x": {"title": "X", "type": "integer"}}
+    with pytest.raises(InvalidPayload, match="x"):
+        handler.parse({"x": "nope"})
+    with pytest.raises(ConfigurationError):
+        app.capability("pt")(pt)
+    with pytest.raises(ConfigurationError):
+        app.capability("bad name")
+
+
+def test_results_must_be_json() -> None:
+    assert to_json(Point(x=1)) == {"x": 1}
+    assert to_json([1, "a", None]) == [1, "a", None]
+    with pytest.raises(InvalidResult):
+        to_json(object())
+    with pytest.raises(InvalidResult):
+        to_json({1, 2})
