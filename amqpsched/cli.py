@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default="docs/schemas", type=Path)
     p.add_argument("--check", action="store_true", help="fail if the files differ")
 
+    sub.add_parser("env-example", help="print .env.example (every setting and its default)")
+
     p = sub.add_parser("demo", help="run scheduler, a resize worker and a client, end to end")
     p.add_argument("--images", type=int, default=3)
     return parser
@@ -88,6 +90,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .schemas import check_or_write
 
         return check_or_write(args.dir, check=args.check)
+    if args.command == "env-example":
+        from .settings import env_example
+
+        print(env_example(), end="")
+        return 0
     if args.command == "demo":
         from .demo import run_demo
 

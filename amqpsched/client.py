@@ -32,6 +32,7 @@ from .protocol import (
     CatalogEntry,
     ErrorType,
     Kind,
+    RetryOverride,
     Status,
     StatusReply,
     TaskState,
@@ -100,6 +101,9 @@ class TaskHandle:
 
     async def status(self) -> StatusReply:
         return await self.client.status(self.task_id)
+
+    async def cancel(self) -> StatusReply:
+        return await self.client.cancel(self.task_id)
 
 
 class Client:
@@ -199,27 +203,41 @@ class Client:
         *,
         timeout: float | None = None,
         task_id: str | None = None,
+        time_limit: float | None = None,
+        retry: RetryOverride | dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
     ) -> TaskHandle:
-        """Submit a task; its answer is pushed to this client. Returns at once with a handle."""
+        """Submit a task; its answer is pushed to this client. Returns at once with a handle.
+
+        ``timeout``: seconds within which the answer is due; ``time_limit``: seconds one attempt
+        may run; ``retry``: overrides of the capability's retry policy (``max_attempts``,
+        ``backoff``, ``backoff_max``, ``multiplier``, ``jitter``, ``retry_on``);
+        ``idempotency_key``: submissions with the same key get the same task and answer."""
         task_id = task_id or uuid.uuid4().hex
         body: dict[str, Any] = {"capability": capability, "payload": payload, "task_id": task_id}
         if timeout is not None:
             body["timeout"] = timeout
+        if time_limit is not None:
+            body["time_limit"] = time_limit
+        if retry is not None:
+            override = retry if isinstance(retry, RetryOverride) else RetryOverride(**retry)
+            body["retry"] = override.model_dump(mode="json", exclude_none=True)
+        if idempotency_key is not None:
+            body["idempotency_key"] = idempotency_key
         _, fut = await self._request(Kind.SUBMIT, body)
         return TaskHandle(self, task_id, fut, timeout or self.settings.default_timeout)
 
-    async def call(
-        self,
-        capability: str,
-        payload: Any,
-        *,
-        timeout: float | None = None,
-        task_id: str | None = None,
-    ) -> Any:
+    async def call(self, capability: str, payload: Any, **options: Any) -> Any:
         """Run a task and return its result; raise :class:`TaskFailed` (or a subclass) if it
-        failed, :class:`TaskTimeout` if no answer came in time."""
-        handle = await self.submit(capability, payload, timeout=timeout, task_id=task_id)
+        failed, :class:`TaskTimeout` if no answer came in time. Options as for :meth:`submit`."""
+        handle = await self.submit(capability, payload, **options)
         return await handle.result()
+
+    async def cancel(self, task_id: str, *, timeout: float = 10.0) -> StatusReply:
+        """Cancel a queued or running task. Its answer becomes ``failed``/``cancelled`` unless it
+        was already final; the reply tells which."""
+        reply = await self._rpc(Kind.CANCEL, {"task_id": task_id}, timeout)
+        return decode(StatusReply, reply.body)
 
     def handle(self, task_id: str, timeout: float | None = None) -> TaskHandle:
         """A handle on a task submitted elsewhere (another process, an earlier run)."""
@@ -274,17 +292,20 @@ class SyncClient:
             self._thread.join(timeout=5)
             self._loop.close()
 
-    def call(self, capability: str, payload: Any, *, timeout: float | None = None) -> Any:
-        return self._run(self._client.call(capability, payload, timeout=timeout))
+    def call(self, capability: str, payload: Any, **options: Any) -> Any:
+        return self._run(self._client.call(capability, payload, **options))
 
-    def submit(self, capability: str, payload: Any, *, timeout: float | None = None) -> str:
-        return self._run(self._client.submit(capability, payload, timeout=timeout)).task_id
+    def submit(self, capability: str, payload: Any, **options: Any) -> str:
+        return self._run(self._client.submit(capability, payload, **options)).task_id
 
     def result(self, task_id: str, *, timeout: float = 60.0) -> Any:
         return self._run(self._client.result(task_id, timeout=timeout))
 
     def status(self, task_id: str) -> StatusReply:
         return self._run(self._client.status(task_id))
+
+    def cancel(self, task_id: str) -> StatusReply:
+        return self._run(self._client.cancel(task_id))
 
     def capabilities(self) -> list[CatalogEntry]:
         return self._run(self._client.capabilities())

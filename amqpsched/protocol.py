@@ -39,6 +39,7 @@ class Kind(StrEnum):
     SUBMIT = "submit"
     STATUS = "status"
     RESULT = "result"
+    CANCEL = "cancel"
     CAPABILITIES = "capabilities"
     ANSWER = "answer"
     STATUS_REPLY = "status_reply"
@@ -46,9 +47,11 @@ class Kind(StrEnum):
     TASK = "task"
     STARTED = "started"
     OUTCOME = "outcome"
+    RETRYING = "retrying"
     HELLO = "hello"
     HEARTBEAT = "heartbeat"
     GOODBYE = "goodbye"
+    CANCELLED = "cancelled"
 
 
 class ErrorType(StrEnum):
@@ -59,6 +62,9 @@ class ErrorType(StrEnum):
     EXPIRED = "expired"
     INVALID_PAYLOAD = "invalid_payload"
     HANDLER_ERROR = "handler_error"
+    TIME_LIMIT = "time_limit"
+    WORKER_LOST = "worker_lost"
+    CANCELLED = "cancelled"
     INTERNAL_ERROR = "internal_error"
 
 
@@ -71,6 +77,7 @@ class TaskState(StrEnum):
     QUEUED = "queued"
     DISPATCHED = "dispatched"
     RUNNING = "running"
+    RETRYING = "retrying"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     UNKNOWN = "unknown"
@@ -81,7 +88,52 @@ class TaskState(StrEnum):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Requests: unknown fields are an error, so typos are caught."""
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, json_schema_serialization_defaults_required=True
+    )
+
+
+class _Reply(BaseModel):
+    """Messages we send and others read: readers ignore fields they do not know yet."""
+
+    model_config = ConfigDict(
+        extra="ignore", frozen=True, json_schema_serialization_defaults_required=True
+    )
+
+
+DEFAULT_RETRY_ON = (ErrorType.HANDLER_ERROR, ErrorType.TIME_LIMIT)
+
+
+class RetryPolicy(_Reply):
+    """When and how a failed attempt runs again. Delays grow exponentially, with jitter."""
+
+    max_attempts: int = Field(default=1, ge=1, le=100, description="Attempts in all (1: none).")
+    backoff: float = Field(default=1.0, ge=0, description="Delay before the 2nd attempt, s.")
+    backoff_max: float = Field(default=300.0, ge=0, description="Largest delay, seconds.")
+    multiplier: float = Field(default=2.0, ge=1, description="Each delay is this times the last.")
+    jitter: float = Field(
+        default=0.5, ge=0, le=1, description="Fraction of each delay taken off at random."
+    )
+    retry_on: tuple[ErrorType, ...] = Field(
+        default=DEFAULT_RETRY_ON, description="Error types that are retried."
+    )
+
+
+class RetryOverride(_Model):
+    """A task's own retry settings; a null or absent field keeps the capability's."""
+
+    max_attempts: int | None = Field(default=None, ge=1, le=100)
+    backoff: float | None = Field(default=None, ge=0)
+    backoff_max: float | None = Field(default=None, ge=0)
+    multiplier: float | None = Field(default=None, ge=1)
+    jitter: float | None = Field(default=None, ge=0, le=1)
+    retry_on: tuple[ErrorType, ...] | None = None
+
+    def apply(self, policy: RetryPolicy) -> RetryPolicy:
+        update = {k: v for k, v in self.model_dump().items() if v is not None}
+        return policy.model_copy(update=update) if update else policy
 
 
 # --- client -> scheduler (queue tasks.submit) ---------------------------------------------------
@@ -101,10 +153,25 @@ class SubmitRequest(_Model):
     task_id: TaskId | None = Field(
         default=None, description="Client-chosen task id; the scheduler makes one when absent."
     )
+    time_limit: float | None = Field(
+        default=None,
+        gt=0,
+        description="Seconds one attempt may run (default: the capability's, else none).",
+    )
+    retry: RetryOverride | None = Field(
+        default=None, description="Overrides of the capability's retry policy for this task."
+    )
+    idempotency_key: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="Submissions with the same key within the idempotency window get the same "
+        "task and the same answer.",
+    )
 
 
 class TaskQuery(_Model):
-    """Body of a ``status`` or ``result`` request."""
+    """Body of a ``status``, ``result`` or ``cancel`` request."""
 
     v: Version
     task_id: TaskId
@@ -119,14 +186,14 @@ class CapabilitiesQuery(_Model):
 # --- scheduler -> client (the request's reply_to) -----------------------------------------------
 
 
-class ErrorInfo(_Model):
+class ErrorInfo(_Reply):
     type: ErrorType
     message: str
     exception: str | None = Field(default=None, description="Exception class, for handler_error.")
     traceback: str | None = Field(default=None, description="Remote traceback, for humans.")
 
 
-class Answer(_Model):
+class Answer(_Reply):
     """The one final answer to a task (AMQP type ``answer``)."""
 
     v: Version = 1
@@ -136,13 +203,15 @@ class Answer(_Model):
     capability: str | None = None
     result: JsonValue = None
     error: ErrorInfo | None = None
-    attempts: int = Field(default=0, ge=0, description="Times a worker started the task.")
+    attempts: int = Field(
+        default=0, ge=0, description="Number of the last attempt a worker took (0: none)."
+    )
     worker_id: str | None = None
     submitted_at: float | None = None
     finished_at: float | None = None
 
 
-class StatusReply(_Model):
+class StatusReply(_Reply):
     """Reply to a ``status`` request, or to a ``result`` request for an unknown task."""
 
     v: Version = 1
@@ -154,13 +223,15 @@ class StatusReply(_Model):
     answer: Answer | None = None
 
 
-class CapabilityInfo(_Model):
+class CapabilityInfo(_Reply):
     name: Capability
     description: str = ""
     payload_schema: dict[str, JsonValue] = Field(default_factory=dict)
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    time_limit: float | None = None
 
 
-class CatalogEntry(_Model):
+class CatalogEntry(_Reply):
     name: str
     description: str
     payload_schema: dict[str, JsonValue]
@@ -169,7 +240,7 @@ class CatalogEntry(_Model):
     in_flight: int
 
 
-class CapabilitiesReply(_Model):
+class CapabilitiesReply(_Reply):
     v: Version = 1
     final: Literal[True] = True
     capabilities: list[CatalogEntry]
@@ -178,7 +249,7 @@ class CapabilitiesReply(_Model):
 # --- scheduler -> worker (topic exchange, capability queues) --------------------------------------
 
 
-class TaskMessage(_Model):
+class TaskMessage(_Reply):
     """A task dispatched to a capability queue (AMQP type ``task``)."""
 
     v: Version = 1
@@ -190,12 +261,14 @@ class TaskMessage(_Model):
     deadline: float = Field(description="Unix time after which the task must not start.")
     reply_to: str
     correlation_id: str
+    time_limit: float | None = None
+    retry: RetryOverride | None = None
 
 
 # --- worker -> scheduler (queue results) ----------------------------------------------------------
 
 
-class StartedEvent(_Model):
+class StartedEvent(_Reply):
     """A worker started an attempt (AMQP type ``started``). Not final."""
 
     v: Version = 1
@@ -205,7 +278,7 @@ class StartedEvent(_Model):
     started_at: float
 
 
-class OutcomeEvent(_Model):
+class OutcomeEvent(_Reply):
     """A worker finished an attempt (AMQP type ``outcome``)."""
 
     v: Version = 1
@@ -223,10 +296,29 @@ class OutcomeEvent(_Model):
     finished_at: float
 
 
+class RetryingEvent(_Reply):
+    """A failed attempt that will run again after ``delay`` seconds (AMQP type ``retrying``)."""
+
+    v: Version = 1
+    task_id: str
+    attempt: int = Field(description="The attempt that failed.")
+    worker_id: str
+    error: ErrorInfo
+    delay: float
+
+
+class CancelNotice(_Reply):
+    """Scheduler -> every worker: stop or skip these tasks (AMQP type ``cancelled``)."""
+
+    v: Version = 1
+    task_ids: list[str]
+    until: float = Field(description="Unix time after which the notice can be forgotten.")
+
+
 # --- worker -> every scheduler (registration exchange) --------------------------------------------
 
 
-class WorkerAnnouncement(_Model):
+class WorkerAnnouncement(_Reply):
     """hello / heartbeat / goodbye of a worker (AMQP type gives which)."""
 
     v: Version = 1
@@ -245,6 +337,7 @@ REQUEST_MODELS: dict[Kind, type[BaseModel]] = {
     Kind.SUBMIT: SubmitRequest,
     Kind.STATUS: TaskQuery,
     Kind.RESULT: TaskQuery,
+    Kind.CANCEL: TaskQuery,
     Kind.CAPABILITIES: CapabilitiesQuery,
 }
 
@@ -259,6 +352,8 @@ SCHEMA_MODELS: dict[str, type[BaseModel]] = {
     "task": TaskMessage,
     "started": StartedEvent,
     "outcome": OutcomeEvent,
+    "retrying": RetryingEvent,
+    "cancel_notice": CancelNotice,
     "worker_announcement": WorkerAnnouncement,
 }
 
@@ -275,26 +370,36 @@ def _first_error(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def decode(model: type[M], raw: bytes) -> M:
-    """Decode ``raw`` as ``model``; raise :class:`DecodeError` with a reason a human can act on."""
+    """Decode ``raw`` as ``model``; raise :class:`DecodeError` with a reason a human can act on.
+    Types are checked strictly: ``"5"`` is not a number and ``true`` is not 1."""
     try:
-        data: Any = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data: Any = json.loads(raw, parse_constant=_no_constants)
+    except (UnicodeDecodeError, ValueError) as exc:
         raise DecodeError("malformed_json", raw, f"body is not JSON ({exc})") from None
     if not isinstance(data, dict):
         raise DecodeError("malformed_body", raw, "body must be a JSON object")
     if "v" not in data:
         raise DecodeError("missing_version", raw, "field 'v' (protocol version) is required")
-    if data["v"] != PROTOCOL_VERSION:
+    if type(data["v"]) is not int or data["v"] != PROTOCOL_VERSION:
         raise DecodeError(
             "unknown_version", raw, f"protocol version {data['v']!r} is not supported (use 1)"
         )
     try:
-        return model.model_validate(data)
+        return model.model_validate_json(raw, strict=True)
     except ValidationError as exc:
         raise DecodeError("invalid_fields", raw, _first_error(exc)) from None
 
 
 def json_schemas() -> dict[str, dict[str, Any]]:
     """The JSON Schema of every message kind, as committed under ``docs/schemas/``."""
-    return {name: model.model_json_schema() for name, model in SCHEMA_MODELS.items()}
+    return {
+        name: model.model_json_schema(
+            mode="validation" if model in REQUEST_MODELS.values() else "serialization"
+        )
+        for name, model in SCHEMA_MODELS.items()
+    }

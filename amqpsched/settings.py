@@ -75,6 +75,17 @@ class Settings(BaseSettings):
     scheduler_prefetch: int = Field(
         default=512, gt=0, description="Messages the scheduler takes from each queue at once."
     )
+    delivery_limit: int = Field(
+        default=10,
+        ge=1,
+        description="Deliveries of one task before it is dead-lettered as poison (its worker "
+        "died running it each time).",
+    )
+    idempotency_window: float = Field(
+        default=3600.0,
+        gt=0,
+        description="Seconds a submission's idempotency key maps to its task.",
+    )
     concurrency: int = Field(
         default=8, gt=0, description="Tasks a worker runs at once (its prefetch follows it)."
     )
@@ -98,3 +109,23 @@ class Settings(BaseSettings):
         # SecretStr already hides the password; keep the masked URL visible for debugging.
         for key, value in super().__repr_args__():
             yield (key, self.amqp_url_masked() if key == "amqp_url" else value)
+
+
+def env_example() -> str:
+    """The text of ``.env.example``: every setting, its default and what it does."""
+    lines = [
+        "# amqpsched settings: every one, with its default. Copy to .env and edit what you need.",
+        "# Environment variables win over .env. Regenerate with: amqpsched env-example",
+        "",
+    ]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        if isinstance(default, SecretStr):
+            default = default.get_secret_value()
+        if isinstance(default, float) and default.is_integer():
+            default = int(default)
+        lines.append(f"# {field.description}")
+        key = f"AMQPSCHED_{name.upper()}"
+        lines.append(f"# {key}=9100" if default is None else f"{key}={default}")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"

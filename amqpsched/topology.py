@@ -8,7 +8,15 @@ from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, ExchangeType
 
+from .retry import DELAY_STEPS_MS
+
 QUORUM: dict[str, Any] = {"x-queue-type": "quorum"}
+#: Dead-letter without loss: the source queue refuses publishes rather than drop a dead letter.
+AT_LEAST_ONCE: dict[str, Any] = {
+    "x-dead-letter-strategy": "at-least-once",
+    "x-overflow": "reject-publish",
+}
+DELAY_HEADER = "x-amqpsched-delay"
 
 
 @dataclass(frozen=True)
@@ -16,6 +24,8 @@ class Topology:
     """The names of one amqpsched system. ``namespace`` prefixes all of them (empty: none)."""
 
     namespace: str = ""
+    #: Deliveries of one task message before the broker dead-letters it (a poison message).
+    delivery_limit: int = 10
     _declared: set[str] = field(default_factory=set, compare=False, repr=False)
 
     def _n(self, name: str) -> str:
@@ -35,6 +45,34 @@ class Topology:
     def capability_queue(self, capability: str) -> str:
         """Quorum queue shared by every worker of one capability."""
         return self._n(f"amqpsched.cap.{capability}")
+
+    def capability_arguments(self) -> dict[str, Any]:
+        """A task delivered ``delivery_limit`` times (its worker died each time) goes to the
+        results queue, where the scheduler answers it and keeps it in the dead-letter queue."""
+        return {
+            **QUORUM,
+            **AT_LEAST_ONCE,
+            "x-delivery-limit": self.delivery_limit,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": self.results_queue,
+        }
+
+    @property
+    def delay_exchange(self) -> str:
+        """Headers exchange routing a retry to the TTL queue of its delay."""
+        return self._n("amqpsched.delay")
+
+    def delay_queue(self, delay_ms: int) -> str:
+        """Holds retries ``delay_ms``, then dead-letters them to the tasks exchange (same key)."""
+        return self._n(f"amqpsched.delay.{delay_ms}")
+
+    @property
+    def control_exchange(self) -> str:
+        """Fanout exchange of scheduler -> worker notices (cancellations)."""
+        return self._n("amqpsched.control")
+
+    def control_queue(self, worker_id: str) -> str:
+        return self._n(f"amqpsched.control.{worker_id}")
 
     @property
     def results_queue(self) -> str:
@@ -78,6 +116,39 @@ class Topology:
         )
         dead = await channel.declare_queue(self.dead_letter_queue, durable=True, arguments=QUORUM)
         await dead.bind(dlx, routing_key="")
+        await channel.declare_exchange(self.delay_exchange, ExchangeType.HEADERS, durable=True)
+        await channel.declare_exchange(self.control_exchange, ExchangeType.FANOUT, durable=True)
+
+    async def declare_delay(self, channel: AbstractChannel, delay_ms: int) -> None:
+        if f"delay:{delay_ms}" in self._declared:
+            return
+        exchange = await channel.declare_exchange(
+            self.delay_exchange, ExchangeType.HEADERS, durable=True
+        )
+        queue = await channel.declare_queue(
+            self.delay_queue(delay_ms),
+            durable=True,
+            arguments={
+                **QUORUM,
+                **AT_LEAST_ONCE,
+                "x-message-ttl": delay_ms,
+                "x-dead-letter-exchange": self.tasks_exchange,
+            },
+        )
+        await queue.bind(exchange, arguments={"x-match": "all", DELAY_HEADER: str(delay_ms)})
+        self._declared.add(f"delay:{delay_ms}")
+
+    async def declare_control_queue(
+        self, channel: AbstractChannel, worker_id: str
+    ) -> AbstractQueue:
+        exchange = await channel.declare_exchange(
+            self.control_exchange, ExchangeType.FANOUT, durable=True
+        )
+        queue = await channel.declare_queue(
+            self.control_queue(worker_id), exclusive=True, auto_delete=True
+        )
+        await queue.bind(exchange, routing_key="")
+        return queue
 
     async def declare_registry_exchange(self, channel: AbstractChannel) -> AbstractExchange:
         return await channel.declare_exchange(
@@ -89,7 +160,7 @@ class Topology:
             self.tasks_exchange, ExchangeType.TOPIC, durable=True
         )
         queue = await channel.declare_queue(
-            self.capability_queue(capability), durable=True, arguments=QUORUM
+            self.capability_queue(capability), durable=True, arguments=self.capability_arguments()
         )
         await queue.bind(exchange, routing_key=capability)
         self._declared.add(capability)
@@ -97,6 +168,9 @@ class Topology:
 
     def capability_declared(self, capability: str) -> bool:
         return capability in self._declared
+
+    def forget_capability(self, capability: str) -> None:
+        self._declared.discard(capability)
 
     async def declare_registry_queue(
         self, channel: AbstractChannel, scheduler_id: str
@@ -120,9 +194,16 @@ class Topology:
             self.results_queue,
             self.dead_letter_queue,
             *(self.capability_queue(c) for c in capabilities),
+            *(self.delay_queue(ms) for ms in DELAY_STEPS_MS),
         ]:
             await channel.queue_delete(name)
-        for ex in (self.tasks_exchange, self.registry_exchange, self.dead_letter_exchange):
+        for ex in (
+            self.tasks_exchange,
+            self.registry_exchange,
+            self.dead_letter_exchange,
+            self.delay_exchange,
+            self.control_exchange,
+        ):
             await channel.exchange_delete(ex)
 
 

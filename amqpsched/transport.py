@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -33,6 +34,11 @@ H_ERROR = "x-amqpsched-error"
 H_CAPABILITY = "x-amqpsched-capability"
 H_SOURCE = "x-amqpsched-source"
 H_TASK_ID = "x-amqpsched-task-id"
+H_ATTEMPTS = "x-amqpsched-attempts"
+#: On a submission: run the task again even if its id is known (``amqpsched dlq replay``).
+H_REPLAY = "x-amqpsched-replay"
+#: Unique id of one dead-lettered message, for ``amqpsched dlq``.
+H_DEAD_ID = "x-amqpsched-dead-id"
 H_ORIGINAL_TYPE = "x-amqpsched-original-type"
 H_ORIGINAL_REPLY_TO = "x-amqpsched-original-reply-to"
 H_ORIGINAL_CORRELATION_ID = "x-amqpsched-original-correlation-id"
@@ -130,11 +136,13 @@ def dead_letter_message(
     source: str,
     capability: str | None = None,
     task_id: str | None = None,
+    attempts: int | None = None,
 ) -> aio_pika.Message:
     """A copy of ``incoming`` for the dead-letter queue, its reason and origin in the headers."""
     headers: dict[str, Any] = dict(incoming.headers or {})
     headers.update(
         {
+            H_DEAD_ID: uuid.uuid4().hex,
             H_REASON: reason,
             H_ERROR: error[:2000],
             H_SOURCE: source,
@@ -147,6 +155,8 @@ def dead_letter_message(
         headers[H_CAPABILITY] = capability
     if task_id:
         headers[H_TASK_ID] = task_id
+    if attempts is not None:
+        headers[H_ATTEMPTS] = attempts
     return aio_pika.Message(
         incoming.body,
         content_type=incoming.content_type,
@@ -157,6 +167,14 @@ def dead_letter_message(
         delivery_mode=DeliveryMode.PERSISTENT,
         headers=headers,
     )
+
+
+def death_reason(incoming: IncomingMessage) -> str:
+    """Why the broker dead-lettered ``incoming`` (``delivery_limit``, ``expired``...)."""
+    deaths = (incoming.headers or {}).get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+        return str(deaths[0].get("reason", "unknown"))
+    return "unknown"
 
 
 async def settle(incoming: IncomingMessage, *, requeue: bool | None = None) -> None:

@@ -365,6 +365,7 @@ async def test_status_result_and_capabilities_queries(system: System) -> None:
         ),
         ("malformed_json", b'{"v": 1, "capability": "echo", "payload": ', None),
     ],
+    ids=["unknown_version", "malformed_json"],
 )
 async def test_bad_request_is_answered_invalid_request_and_dead_lettered(
     system: System, reason: str, raw: bytes, task_id: str | None

@@ -22,7 +22,7 @@ from amqpsched.protocol import (
 from amqpsched.scheduler.registry import WorkerRegistry
 from amqpsched.scheduler.state import MemoryTaskStore, TaskRecord, timeout_error
 from amqpsched.schemas import check_or_write, rendered
-from amqpsched.settings import Settings, mask_url
+from amqpsched.settings import Settings, env_example, mask_url
 from amqpsched.worker.app import InvalidPayload, InvalidResult, WorkerApp, to_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -232,6 +232,7 @@ def test_settings_read_env_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_env_example_lists_every_setting() -> None:
     text = (ROOT / ".env.example").read_text()
+    assert text == env_example(), "stale: run amqpsched env-example > .env.example"
     for name in Settings.model_fields:
         assert f"AMQPSCHED_{name.upper()}" in text, name
 

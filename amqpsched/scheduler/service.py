@@ -4,13 +4,11 @@ answers clients. Decisions live in ``registry`` and ``state``; this module moves
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
-from typing import Any
 
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustConnection
 from pydantic import BaseModel
 
 from .. import transport
@@ -19,12 +17,11 @@ from ..protocol import (
     REQUEST_MODELS,
     Answer,
     CapabilitiesReply,
-    ErrorInfo,
     ErrorType,
     Kind,
     OutcomeEvent,
+    RetryingEvent,
     StartedEvent,
-    Status,
     StatusReply,
     SubmitRequest,
     TaskMessage,
@@ -37,25 +34,16 @@ from ..protocol import (
 from ..settings import Settings
 from ..topology import Topology
 from ..transport import IncomingMessage
+from .outbox import Outbox, failure
 from .registry import WorkerRegistry
-from .state import MemoryTaskStore, TaskRecord, timeout_error
+from .state import MemoryTaskStore, TaskRecord, is_fenced, timeout_error
 
 log = logging.getLogger("amqpsched.scheduler")
 
-
-def _peek(raw: bytes) -> tuple[str | None, str | None]:
-    """Best-effort task id and capability of a body that failed validation, for the answer."""
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        return None, None
-    if not isinstance(data, dict):
-        return None, None
-    task_id, capability = data.get("task_id"), data.get("capability")
-    return (
-        task_id if isinstance(task_id, str) and len(task_id) <= 128 else None,
-        capability if isinstance(capability, str) and len(capability) <= 128 else None,
-    )
+#: Seconds to wait before handing back a message whose handling failed on the broker side, so a
+#: lasting fault does not become a hot loop.
+REQUEUE_PAUSE = 0.5
+KIND_NAMES = frozenset(k.value for k in Kind)
 
 
 class Scheduler:
@@ -64,18 +52,19 @@ class Scheduler:
     def __init__(self, settings: Settings, scheduler_id: str | None = None) -> None:
         self.settings = settings
         self.scheduler_id = scheduler_id or uuid.uuid4().hex[:12]
-        self.topology = Topology(settings.namespace)
+        self.topology = Topology(settings.namespace, delivery_limit=settings.delivery_limit)
         self.registry = WorkerRegistry(settings.heartbeat_interval, settings.heartbeat_miss_limit)
-        self.store = MemoryTaskStore(settings.result_retention, settings.max_tracked_tasks)
+        self.store = MemoryTaskStore(
+            settings.result_retention, settings.max_tracked_tasks, settings.idempotency_window
+        )
         self._conn: AbstractRobustConnection | None = None
-        self._channel: AbstractChannel | None = None
-        self._tasks_exchange: AbstractExchange | None = None
-        self._default: AbstractExchange | None = None
-        self._dlx: AbstractExchange | None = None
+        self._outbox: Outbox | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
-        self._capability_locks: dict[str, asyncio.Lock] = {}
+        #: Cancelled task id -> deadline, re-announced to workers that say hello.
+        self._cancels: dict[str, float] = {}
         self.consuming = False
+        self.fenced = 0
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def __aenter__(self) -> Scheduler:
@@ -85,18 +74,21 @@ class Scheduler:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
+    @property
+    def outbox(self) -> Outbox:
+        if self._outbox is None:
+            raise AmqpschedError("scheduler is not started")
+        return self._outbox
+
     async def start(self) -> None:
         self._conn = await transport.connect(
             self.settings, f"amqpsched-scheduler-{self.scheduler_id}"
         )
         try:
             channel = await transport.confirm_channel(self._conn, self.settings.scheduler_prefetch)
-            self._channel = channel
             topo = self.topology
             await topo.declare_core(channel)
-            self._tasks_exchange = await channel.get_exchange(topo.tasks_exchange)
-            self._dlx = await channel.get_exchange(topo.dead_letter_exchange)
-            self._default = channel.default_exchange
+            self._outbox = Outbox(channel, topo)
             registry_queue = await topo.declare_registry_queue(channel, self.scheduler_id)
             await registry_queue.consume(self._on_announcement, no_ack=True)
             results = await channel.get_queue(topo.results_queue)
@@ -132,32 +124,39 @@ class Scheduler:
     def ready(self) -> bool:
         return self.consuming and self._conn is not None and not self._conn.is_closed
 
+    async def _requeue_later(self, msg: IncomingMessage, exc: Exception) -> None:
+        log.warning("message %s not handled, will be redelivered: %s", msg.message_id, exc)
+        await asyncio.sleep(REQUEUE_PAUSE)
+        await transport.settle(msg, requeue=True)
+
     # -- client requests -----------------------------------------------------------------------
     async def _on_request(self, msg: IncomingMessage) -> None:
         try:
             await self._handle_request(msg)
         except AmqpschedError as exc:
-            # Broker trouble mid-handling: leave the message unacked so it is redelivered.
-            log.warning("request %s not handled, will be redelivered: %s", msg.message_id, exc)
-            await transport.settle(msg, requeue=True)
+            await self._requeue_later(msg, exc)
         except Exception:
             log.exception("unexpected error on request %s", msg.message_id)
-            await self._reject(msg, "internal_error", "the scheduler failed on this message")
+            await self.outbox.reject(
+                msg,
+                "internal_error",
+                "the scheduler failed on this message",
+                error=ErrorType.INTERNAL_ERROR,
+            )
+            await transport.settle(msg)
 
     async def _handle_request(self, msg: IncomingMessage) -> None:
         kind_name = msg.type or Kind.SUBMIT.value
         if len(msg.body) > self.settings.max_message_bytes:
-            await self._reject(
-                msg,
-                "too_large",
-                f"body is {len(msg.body)} bytes; the limit is {self.settings.max_message_bytes}",
+            detail = (
+                f"body is {len(msg.body)} bytes; the limit is {self.settings.max_message_bytes}"
             )
+            await self._reject(msg, "too_large", detail)
             return
-        if kind_name not in (Kind.SUBMIT, Kind.STATUS, Kind.RESULT, Kind.CAPABILITIES):
+        model = REQUEST_MODELS.get(Kind(kind_name)) if kind_name in KIND_NAMES else None
+        if model is None:
             await self._reject(msg, "unknown_type", f"unknown message type {kind_name!r}")
             return
-        kind = Kind(kind_name)
-        model: type[BaseModel] = REQUEST_MODELS[kind]
         try:
             request: BaseModel = decode(model, msg.body)
         except DecodeError as exc:
@@ -165,134 +164,179 @@ class Scheduler:
             return
         if not msg.reply_to:
             await self._reject(
-                msg, "missing_reply_to", "the reply_to property is required", request=request
+                msg, "missing_reply_to", "the reply_to property is required", request
             )
             return
         corr = msg.correlation_id or ""
+        kind = Kind(kind_name)
         if isinstance(request, SubmitRequest):
             await self._submit(msg, request, msg.reply_to, corr)
-        elif isinstance(request, TaskQuery):
-            await self._query(kind, request, msg.reply_to, corr)
-            await transport.settle(msg)
+            return
+        if isinstance(request, TaskQuery):
+            if kind == Kind.CANCEL:
+                await self._cancel(request.task_id, msg.reply_to, corr)
+            else:
+                await self._query(kind, request, msg.reply_to, corr)
         else:
             reply = CapabilitiesReply(capabilities=self.registry.catalog())
-            await self._send(msg.reply_to, corr, Kind.CAPABILITIES_REPLY, encode(reply))
-            await transport.settle(msg)
+            await self.outbox.send(msg.reply_to, corr, Kind.CAPABILITIES_REPLY, encode(reply))
+        await transport.settle(msg)
+
+    async def _reject(
+        self, msg: IncomingMessage, reason: str, detail: str, request: BaseModel | None = None
+    ) -> None:
+        await self.outbox.reject(msg, reason, detail, request)
+        await transport.settle(msg)
+        log.warning("rejected message %s: %s: %s", msg.message_id, reason, detail)
 
     async def _submit(
         self, msg: IncomingMessage, req: SubmitRequest, reply_to: str, corr: str
     ) -> None:
         timeout = req.timeout or self.settings.default_timeout
         if timeout > self.settings.max_timeout:
-            await self._reject(
-                msg,
-                "timeout_too_large",
-                f"timeout {timeout} exceeds the maximum {self.settings.max_timeout}",
-                request=req,
-            )
+            detail = f"timeout {timeout} exceeds the maximum {self.settings.max_timeout}"
+            await self._reject(msg, "timeout_too_large", detail, req)
             return
-        task_id = req.task_id or uuid.uuid4().hex
-        known = self.store.get(task_id)
+        now = time.time()
+        if req.task_id and (msg.headers or {}).get(transport.H_REPLAY):
+            self.store.forget(req.task_id)  # a replay from the dead-letter queue runs anew
+        known = self.store.get(req.task_id) if req.task_id else None
+        if known is None and req.idempotency_key is not None:
+            known = self.store.by_key(req.idempotency_key, now)
         if known is not None:
-            # Same task id again (a redelivery or a client retry): never a second execution.
+            # The same task again (a redelivery, a client retry, an idempotency key): it runs
+            # once, and every submission gets its answer.
             if known.answer is not None:
-                await self._send(reply_to, corr, Kind.ANSWER, encode(known.answer))
+                await self.outbox.answer([(reply_to, corr)], known.answer)
             elif (reply_to, corr) != (known.reply_to, known.correlation_id):
                 known.watchers.append((reply_to, corr))
             await transport.settle(msg)
             return
-        now = time.time()
-        record = TaskRecord(
-            task_id=task_id,
-            capability=req.capability,
-            reply_to=reply_to,
-            correlation_id=corr,
-            submitted_at=now,
-            deadline=now + timeout,
-        )
-        self.store.add(record)
         task = TaskMessage(
-            task_id=task_id,
+            task_id=req.task_id or uuid.uuid4().hex,
             capability=req.capability,
             payload=req.payload,
             attempt=1,
             submitted_at=now,
-            deadline=record.deadline,
+            deadline=now + timeout,
             reply_to=reply_to,
             correlation_id=corr,
+            time_limit=req.time_limit,
+            retry=req.retry,
         )
-        await self._ensure_capability(req.capability)
-        assert self._tasks_exchange is not None
-        await transport.publish(
-            self._tasks_exchange,
-            transport.message(encode(task), Kind.TASK, message_id=task_id, correlation_id=corr),
-            req.capability,
-            mandatory=True,
+        record = TaskRecord(
+            task_id=task.task_id,
+            capability=req.capability,
+            reply_to=reply_to,
+            correlation_id=corr,
+            submitted_at=now,
+            deadline=task.deadline,
+            task=task,
+            idempotency_key=req.idempotency_key,
         )
+        self.store.add(record)
+        try:
+            await self.outbox.dispatch(task)
+        except AmqpschedError:
+            self.store.forget(task.task_id)  # not dispatched: the redelivery starts afresh
+            raise
         if record.state == TaskState.QUEUED:
             record.state = TaskState.DISPATCHED
         await transport.settle(msg)
-        log.debug("task %s (%s) dispatched", task_id, req.capability)
-
-    async def _ensure_capability(self, capability: str) -> None:
-        if self.topology.capability_declared(capability):
-            return
-        lock = self._capability_locks.setdefault(capability, asyncio.Lock())
-        async with lock:
-            if not self.topology.capability_declared(capability):
-                assert self._channel is not None
-                try:
-                    await self.topology.declare_capability(self._channel, capability)
-                except transport.BROKER_ERRORS as exc:
-                    raise BrokerError(f"cannot declare queue for {capability!r}: {exc}") from exc
+        log.debug("task %s (%s) dispatched", task.task_id, req.capability)
 
     async def _query(self, kind: Kind, query: TaskQuery, reply_to: str, corr: str) -> None:
         record = self.store.get(query.task_id)
         if kind == Kind.RESULT and record is not None:
             if record.answer is not None:
-                await self._send(reply_to, corr, Kind.ANSWER, encode(record.answer))
+                await self.outbox.answer([(reply_to, corr)], record.answer)
             else:
                 record.watchers.append((reply_to, corr))
             return
+        await self._status_reply(query.task_id, record, reply_to, corr)
+
+    async def _status_reply(
+        self, task_id: str, record: TaskRecord | None, reply_to: str, corr: str
+    ) -> None:
         reply = StatusReply(
-            task_id=query.task_id,
+            task_id=task_id,
             state=record.state if record else TaskState.UNKNOWN,
             capability=record.capability if record else None,
             attempts=record.attempts if record else 0,
             answer=record.answer if record else None,
         )
-        await self._send(reply_to, corr, Kind.STATUS_REPLY, encode(reply))
+        await self.outbox.send(reply_to, corr, Kind.STATUS_REPLY, encode(reply))
+
+    async def _cancel(self, task_id: str, reply_to: str, corr: str) -> None:
+        record = self.store.get(task_id)
+        if record is not None and not record.final:
+            now = time.time()
+            self._cancels[task_id] = record.deadline
+            # Workers first: a queued task must be skipped, a running one stopped.
+            await self.outbox.cancel_notice([task_id], record.deadline)
+            answer = failure(record, ErrorType.CANCELLED, "the task was cancelled", now)
+            await self._finish(record, answer, now)
+            log.info("task %s cancelled", task_id)
+        await self._status_reply(task_id, record, reply_to, corr)
 
     # -- worker events -------------------------------------------------------------------------
     async def _on_event(self, msg: IncomingMessage) -> None:
         try:
             if msg.type == Kind.STARTED:
-                started = decode(StartedEvent, msg.body)
-                record = self.store.get(started.task_id)
-                if record is not None and not record.final:
-                    record.state = TaskState.RUNNING
-                    record.attempts = max(record.attempts, started.attempt)
+                self._on_started(decode(StartedEvent, msg.body))
                 await transport.settle(msg)
             elif msg.type == Kind.OUTCOME:
                 await self._on_outcome(msg, decode(OutcomeEvent, msg.body))
+            elif msg.type == Kind.RETRYING:
+                self._on_retrying(decode(RetryingEvent, msg.body))
+                await transport.settle(msg)
+            elif msg.type == Kind.TASK:
+                await self._on_dead_task(msg, decode(TaskMessage, msg.body))
             else:
                 await self._reject(msg, "unknown_type", f"unknown event type {msg.type!r}")
         except DecodeError as exc:
             await self._reject(msg, exc.reason, exc.detail)
         except AmqpschedError as exc:
-            log.warning("event %s not handled, will be redelivered: %s", msg.message_id, exc)
-            await transport.settle(msg, requeue=True)
+            await self._requeue_later(msg, exc)
         except Exception:
             log.exception("unexpected error on event %s", msg.message_id)
             await self._reject(msg, "internal_error", "the scheduler failed on this event")
 
+    def _on_started(self, ev: StartedEvent) -> None:
+        record = self.store.get(ev.task_id)
+        if record is None or record.final or is_fenced(record, ev.attempt):
+            return
+        record.state = TaskState.RUNNING
+        record.attempts = max(record.attempts, ev.attempt)
+        record.attempt = ev.attempt
+        record.worker_id = ev.worker_id
+
+    def _on_retrying(self, ev: RetryingEvent) -> None:
+        record = self.store.get(ev.task_id)
+        if record is None or record.final or is_fenced(record, ev.attempt):
+            return
+        record.state = TaskState.RETRYING
+        record.attempts = ev.attempt
+        record.attempt = ev.attempt + 1
+        record.worker_id = None
+        if record.task is not None:
+            record.task = record.task.model_copy(update={"attempt": ev.attempt + 1})
+        log.info(
+            "task %s attempt %d failed (%s), retry in %.1fs",
+            ev.task_id,
+            ev.attempt,
+            ev.error.type.value,
+            ev.delay,
+        )
+
     async def _on_outcome(self, msg: IncomingMessage, ev: OutcomeEvent) -> None:
         record = self.store.get(ev.task_id)
-        if record is not None and record.final:
-            log.debug("late outcome for answered task %s dropped", ev.task_id)
+        if record is not None and (record.final or is_fenced(record, ev.attempt)):
+            if is_fenced(record, ev.attempt):
+                self.fenced += 1
+                log.info("outcome of superseded attempt %d of %s fenced", ev.attempt, ev.task_id)
             await transport.settle(msg)
             return
-        now = time.time()
         answer = Answer(
             task_id=ev.task_id,
             status=ev.status,
@@ -304,10 +348,7 @@ class Scheduler:
             submitted_at=ev.submitted_at,
             finished_at=ev.finished_at,
         )
-        targets = [(ev.reply_to, ev.correlation_id)]
-        if record is not None:
-            targets += record.watchers
-        else:  # a scheduler that restarted: remember it for later queries
+        if record is None:  # a scheduler that restarted: remember it for later queries
             record = TaskRecord(
                 task_id=ev.task_id,
                 capability=ev.capability,
@@ -316,9 +357,7 @@ class Scheduler:
                 submitted_at=ev.submitted_at,
                 deadline=ev.finished_at,
             )
-        body = encode(answer)
-        await asyncio.gather(*(self._send(r, c, Kind.ANSWER, body) for r, c in targets))
-        self.store.finish(record, answer, now)
+        await self._finish(record, answer, time.time())
         await transport.settle(msg)
         log.info(
             "task %s %s (%s) attempt %d on %s",
@@ -329,18 +368,54 @@ class Scheduler:
             ev.worker_id,
         )
 
+    async def _on_dead_task(self, msg: IncomingMessage, task: TaskMessage) -> None:
+        """A task the broker dead-lettered from its capability queue: delivered ``delivery_limit``
+        times, its worker dying each time (a poison message)."""
+        reason = transport.death_reason(msg)
+        deliveries = self.settings.delivery_limit
+        detail = f"the worker died {deliveries} times running it (broker: {reason})"
+        record = self.store.get(task.task_id)
+        await self.outbox.dead_letter(
+            msg,
+            "delivery_limit" if reason == "delivery_limit" else reason,
+            detail,
+            task_id=task.task_id,
+            capability=task.capability,
+            attempts=task.attempt,
+        )
+        if record is None:
+            record = TaskRecord(
+                task.task_id,
+                task.capability,
+                task.reply_to,
+                task.correlation_id,
+                task.submitted_at,
+                task.deadline,
+            )
+        if not record.final:
+            now = time.time()
+            record.attempts = max(record.attempts, task.attempt)
+            await self._finish(record, failure(record, ErrorType.WORKER_LOST, detail, now), now)
+        await transport.settle(msg)
+        log.warning("task %s dead-lettered: %s", task.task_id, detail)
+
+    async def _finish(self, record: TaskRecord, answer: Answer, now: float) -> None:
+        """Send the one final answer to the submitter and every watcher, then remember it."""
+        await self.outbox.answer(
+            [(record.reply_to, record.correlation_id), *record.watchers], answer
+        )
+        self.store.finish(record, answer, now)
+
     async def _on_announcement(self, msg: IncomingMessage) -> None:
         try:
             announcement = decode(WorkerAnnouncement, msg.body)
-            kind = (
-                Kind(msg.type) if msg.type in (Kind.HELLO, Kind.HEARTBEAT, Kind.GOODBYE) else None
-            )
         except DecodeError as exc:
             log.warning("bad worker announcement dropped: %s", exc)
             return
-        if kind is None:
+        if msg.type not in (Kind.HELLO, Kind.HEARTBEAT, Kind.GOODBYE):
             log.warning("worker announcement of unknown type %r dropped", msg.type)
             return
+        kind = Kind(msg.type)
         new = self.registry.get(announcement.worker_id) is None
         self.registry.observe(kind, announcement, time.time())
         if kind == Kind.GOODBYE:
@@ -351,6 +426,15 @@ class Scheduler:
                 announcement.worker_id,
                 ",".join(c.name for c in announcement.capabilities),
             )
+        if kind == Kind.HELLO:
+            # Welcome it with the cancellations in force: it waits for them before consuming.
+            now = time.time()
+            try:
+                await self.outbox.cancel_notice(
+                    list(self._cancels), max(self._cancels.values(), default=now)
+                )
+            except AmqpschedError as exc:
+                log.warning("could not welcome worker %s: %s", announcement.worker_id, exc)
 
     # -- timers --------------------------------------------------------------------------------
     async def _sweep_forever(self) -> None:
@@ -366,11 +450,36 @@ class Scheduler:
 
     async def sweep(self, now: float) -> None:
         for worker_id in self.registry.sweep(now):
-            log.warning("worker %s missed its heartbeats; declared dead", worker_id)
+            lost = self.store.running_on(worker_id)
+            log.warning(
+                "worker %s missed its heartbeats: declared dead with %d running task(s)",
+                worker_id,
+                len(lost),
+            )
+            await asyncio.gather(*(self._redispatch(record, worker_id, now) for record in lost))
         due = self.store.due(now)
         if due:
             await asyncio.gather(*(self._expire(record, now) for record in due))
+        self._cancels = {k: v for k, v in self._cancels.items() if v > now}
         self.store.purge(now)
+
+    async def _redispatch(self, record: TaskRecord, worker_id: str, now: float) -> None:
+        """The worker running ``record`` is dead: its attempt is superseded by a new one."""
+        if record.task is None or now >= record.deadline:
+            detail = f"worker {worker_id} died while running the task"
+            await self._finish(record, failure(record, ErrorType.WORKER_LOST, detail, now), now)
+            return
+        record.attempt += 1
+        record.worker_id = None
+        record.state = TaskState.DISPATCHED
+        record.task = record.task.model_copy(update={"attempt": record.attempt})
+        try:
+            await self.outbox.dispatch(record.task)
+        except AmqpschedError:
+            record.state = TaskState.RUNNING  # try again on the next sweep
+            record.worker_id = worker_id
+            raise
+        log.warning("task %s dispatched again as attempt %d", record.task_id, record.attempt)
 
     async def _expire(self, record: TaskRecord, now: float) -> None:
         error_type = timeout_error(self.registry.has_live(record.capability))
@@ -379,58 +488,9 @@ class Scheduler:
             if error_type == ErrorType.NO_WORKER
             else f"no worker started the task within its timeout ({record.capability!r})"
         )
-        answer = Answer(
-            task_id=record.task_id,
-            status=Status.FAILED,
-            capability=record.capability,
-            error=ErrorInfo(type=error_type, message=message),
-            attempts=record.attempts,
-            submitted_at=record.submitted_at,
-            finished_at=now,
-        )
-        targets = [(record.reply_to, record.correlation_id), *record.watchers]
-        self.store.finish(record, answer, now)
-        body = encode(answer)
-        await asyncio.gather(*(self._send(r, c, Kind.ANSWER, body) for r, c in targets))
+        try:
+            await self._finish(record, failure(record, error_type, message, now), now)
+        except AmqpschedError:
+            self.store.remind(record, now + 1.0)
+            raise
         log.info("task %s failed: %s", record.task_id, error_type.value)
-
-    # -- output --------------------------------------------------------------------------------
-    async def _send(self, reply_to: str, corr: str, kind: Kind, body: bytes) -> None:
-        assert self._default is not None
-        await transport.publish(
-            self._default,
-            transport.message(body, kind, correlation_id=corr, persistent=True),
-            reply_to,
-        )
-
-    async def _reject(
-        self, msg: IncomingMessage, reason: str, detail: str, request: Any = None
-    ) -> None:
-        """Dead-letter ``msg`` with its reason, answer ``invalid_request`` where we can, ack."""
-        task_id, capability = _peek(msg.body) if request is None else (None, None)
-        task_id = getattr(request, "task_id", task_id)
-        capability = getattr(request, "capability", capability)
-        assert self._dlx is not None
-        await transport.publish(
-            self._dlx,
-            transport.dead_letter_message(
-                msg,
-                reason=reason,
-                error=detail,
-                source="scheduler",
-                capability=capability,
-                task_id=task_id,
-            ),
-            "",
-        )
-        if msg.reply_to:
-            answer = Answer(
-                task_id=task_id,
-                status=Status.FAILED,
-                capability=capability,
-                error=ErrorInfo(type=ErrorType.INVALID_REQUEST, message=f"{reason}: {detail}"),
-                finished_at=time.time(),
-            )
-            await self._send(msg.reply_to, msg.correlation_id or "", Kind.ANSWER, encode(answer))
-        await transport.settle(msg)
-        log.warning("rejected message %s: %s: %s", msg.message_id, reason, detail)

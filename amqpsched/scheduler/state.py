@@ -7,7 +7,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..protocol import Answer, ErrorType, Status, TaskState
+from ..protocol import Answer, ErrorType, Status, TaskMessage, TaskState
 
 
 @dataclass
@@ -19,7 +19,14 @@ class TaskRecord:
     submitted_at: float
     deadline: float
     state: TaskState = TaskState.QUEUED
+    #: The last attempt a worker took (0: none yet).
     attempts: int = 0
+    #: The attempt now allowed to answer; outcomes of older attempts are fenced off.
+    attempt: int = 1
+    worker_id: str | None = None
+    #: The dispatched message, kept until the answer, to dispatch again if its worker dies.
+    task: TaskMessage | None = None
+    idempotency_key: str | None = None
     answer: Answer | None = None
     finished_at: float | None = None
     #: Extra (reply_to, correlation_id) pairs waiting for the final answer.
@@ -31,7 +38,12 @@ class TaskRecord:
 
     @property
     def started(self) -> bool:
-        return self.state in (TaskState.RUNNING,) or self.final
+        return self.state == TaskState.RUNNING or self.final
+
+
+def is_fenced(record: TaskRecord | None, attempt: int) -> bool:
+    """An event of ``attempt`` must be ignored: the task was dispatched again since."""
+    return record is not None and attempt < record.attempt
 
 
 class TaskStore(Protocol):
@@ -42,6 +54,10 @@ class TaskStore(Protocol):
     def finish(self, record: TaskRecord, answer: Answer, now: float) -> None: ...
     def due(self, now: float) -> list[TaskRecord]: ...
     def purge(self, now: float) -> int: ...
+    def forget(self, task_id: str) -> None: ...
+    def remind(self, record: TaskRecord, at: float) -> None: ...
+    def running_on(self, worker_id: str) -> list[TaskRecord]: ...
+    def by_key(self, key: str, now: float) -> TaskRecord | None: ...
 
 
 def final_state(answer: Answer) -> TaskState:
@@ -57,12 +73,14 @@ class MemoryTaskStore:
     """Records in insertion order; finished ones kept ``retention`` seconds; at most ``max_size``
     records (finished ones are dropped first, then the oldest)."""
 
-    def __init__(self, retention: float, max_size: int) -> None:
+    def __init__(self, retention: float, max_size: int, idempotency_window: float = 3600.0) -> None:
         self.retention = retention
         self.max_size = max_size
+        self.idempotency_window = idempotency_window
         self._records: OrderedDict[str, TaskRecord] = OrderedDict()
         self._finished: OrderedDict[str, float] = OrderedDict()
         self._deadlines: list[tuple[float, str]] = []
+        self._keys: OrderedDict[str, tuple[str, float]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._records)
@@ -73,6 +91,9 @@ class MemoryTaskStore:
     def add(self, record: TaskRecord) -> None:
         self._records[record.task_id] = record
         heapq.heappush(self._deadlines, (record.deadline, record.task_id))
+        if record.idempotency_key is not None:
+            self._keys[record.idempotency_key] = (record.task_id, record.submitted_at)
+            self._keys.move_to_end(record.idempotency_key)
         while len(self._records) > self.max_size:
             victim = next(iter(self._finished), None) or next(iter(self._records))
             self._forget(victim)
@@ -97,7 +118,32 @@ class MemoryTaskStore:
                 out.append(record)
         return out
 
+    def remind(self, record: TaskRecord, at: float) -> None:
+        """Return ``record`` from :meth:`due` again at ``at`` (an answer that could not be sent)."""
+        heapq.heappush(self._deadlines, (at, record.task_id))
+
+    def running_on(self, worker_id: str) -> list[TaskRecord]:
+        return [
+            r
+            for r in self._records.values()
+            if r.worker_id == worker_id and r.state == TaskState.RUNNING
+        ]
+
+    def by_key(self, key: str, now: float) -> TaskRecord | None:
+        found = self._keys.get(key)
+        if found is None or found[1] + self.idempotency_window < now:
+            return None
+        return self._records.get(found[0])
+
+    def forget(self, task_id: str) -> None:
+        self._forget(task_id)
+
     def purge(self, now: float) -> int:
+        while self._keys:
+            key, (_, at) = next(iter(self._keys.items()))
+            if at + self.idempotency_window > now:
+                break
+            del self._keys[key]
         removed = 0
         while self._finished:
             task_id, finished_at = next(iter(self._finished.items()))

@@ -6,13 +6,13 @@ import importlib
 import inspect
 import json
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, JsonValue, TypeAdapter, ValidationError
 
 from ..errors import ConfigurationError
-from ..protocol import CapabilityInfo, is_capability_name
+from ..protocol import CapabilityInfo, RetryPolicy, is_capability_name
 
 HandlerFunc = Callable[[Any], Any] | Callable[[Any], Awaitable[Any]]
 F = TypeVar("F", bound=Callable[..., Any])
@@ -34,6 +34,8 @@ class Handler:
     func: HandlerFunc
     description: str
     payload_model: type[BaseModel] | None
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    time_limit: float | None = None
 
     @property
     def is_async(self) -> bool:
@@ -43,7 +45,13 @@ class Handler:
         schema: dict[str, Any] = (
             self.payload_model.model_json_schema() if self.payload_model is not None else {}
         )
-        return CapabilityInfo(name=self.name, description=self.description, payload_schema=schema)
+        return CapabilityInfo(
+            name=self.name,
+            description=self.description,
+            payload_schema=schema,
+            retry=self.retry,
+            time_limit=self.time_limit,
+        )
 
     def parse(self, payload: JsonValue) -> Any:
         if self.payload_model is None:
@@ -79,8 +87,16 @@ class WorkerApp:
         return self._handlers
 
     def capability(
-        self, name: str, *, description: str = "", payload: type[BaseModel] | None = None
+        self,
+        name: str,
+        *,
+        description: str = "",
+        payload: type[BaseModel] | None = None,
+        retry: RetryPolicy | None = None,
+        time_limit: float | None = None,
     ) -> Callable[[F], F]:
+        """Register a handler. ``retry`` and ``time_limit`` (seconds per attempt) are the
+        capability's defaults; a task may override them."""
         if not is_capability_name(name):
             raise ConfigurationError(f"invalid capability name {name!r}")
 
@@ -88,7 +104,9 @@ class WorkerApp:
             if name in self._handlers:
                 raise ConfigurationError(f"capability {name!r} is registered twice")
             doc = description or (inspect.getdoc(func) or "").split("\n\n")[0]
-            self._handlers[name] = Handler(name, func, doc, payload)
+            self._handlers[name] = Handler(
+                name, func, doc, payload, retry or RetryPolicy(), time_limit
+            )
             return func
 
         return register

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -10,7 +11,8 @@ import time
 import traceback
 import uuid
 from collections.abc import Awaitable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from random import random
 from typing import Any, cast
 
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, AbstractRobustConnection
@@ -18,10 +20,12 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, Abstr
 from .. import transport
 from ..errors import AmqpschedError, BrokerError, ConfigurationError, DecodeError
 from ..protocol import (
+    CancelNotice,
     ErrorInfo,
     ErrorType,
     Kind,
     OutcomeEvent,
+    RetryingEvent,
     StartedEvent,
     Status,
     TaskMessage,
@@ -29,8 +33,9 @@ from ..protocol import (
     decode,
     encode,
 )
+from ..retry import retry_delay
 from ..settings import Settings
-from ..topology import Topology
+from ..topology import DELAY_HEADER, Topology
 from ..transport import IncomingMessage
 from .app import Handler, InvalidPayload, InvalidResult, WorkerApp, to_json
 
@@ -51,7 +56,7 @@ class Worker:
         worker_id: str | None = None,
     ) -> None:
         self.settings = settings
-        self.topology = Topology(settings.namespace)
+        self.topology = Topology(settings.namespace, delivery_limit=settings.delivery_limit)
         names = list(dict.fromkeys(capabilities)) or list(app.handlers)
         missing = [n for n in names if n not in app.handlers]
         if missing:
@@ -73,6 +78,10 @@ class Worker:
         self._registry: AbstractExchange | None = None
         self._consumers: list[tuple[AbstractQueue, str]] = []
         self._heartbeat: asyncio.Task[None] | None = None
+        #: Cancelled task id -> when the notice can be forgotten.
+        self._cancelled: dict[str, float] = {}
+        self._handler_tasks: dict[str, asyncio.Future[Any]] = {}
+        self._welcomed = asyncio.Event()
         self.consuming = False
         self.executed = 0
 
@@ -92,15 +101,21 @@ class Worker:
             await self.topology.declare_core(channel)
             self._default = channel.default_exchange
             self._registry = await channel.get_exchange(self.topology.registry_exchange)
-            for name in self.handlers:
-                queue = await self.topology.declare_capability(channel, name)
+            control = await self.topology.declare_control_queue(channel, self.worker_id)
+            await control.consume(self._on_control, no_ack=True)
+            queues = [await self.topology.declare_capability(channel, n) for n in self.handlers]
+            # A scheduler answers hello with the cancellations in force: wait for them (briefly;
+            # maybe no scheduler runs yet) so a cancelled queued task is never started.
+            await self._announce(Kind.HELLO)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._welcomed.wait(), self.settings.heartbeat_interval)
+            for queue in queues:
                 tag = await queue.consume(self._on_task)
                 self._consumers.append((queue, tag))
         except transport.BROKER_ERRORS as exc:
             await self._conn.close()
             raise BrokerError(f"worker could not set up its topology: {exc}") from exc
         self.consuming = True
-        await self._announce(Kind.HELLO)
         self._heartbeat = asyncio.create_task(self._heartbeat_forever(), name="amqpsched-heartbeat")
         log.info(
             "worker %s consuming %s (concurrency %d)",
@@ -170,6 +185,23 @@ class Worker:
             except AmqpschedError as exc:
                 log.warning("heartbeat failed: %s", exc)
 
+    # -- cancellation --------------------------------------------------------------------------
+    async def _on_control(self, msg: IncomingMessage) -> None:
+        try:
+            notice = decode(CancelNotice, msg.body)
+        except DecodeError as exc:
+            log.warning("bad control message dropped: %s", exc)
+            return
+        self._welcomed.set()
+        now = time.time()
+        self._cancelled = {k: v for k, v in self._cancelled.items() if v > now}
+        for task_id in notice.task_ids:
+            self._cancelled[task_id] = notice.until
+            running = self._handler_tasks.get(task_id)
+            if running is not None:
+                log.info("cancelling running task %s", task_id)
+                running.cancel()
+
     # -- tasks ---------------------------------------------------------------------------------
     async def _on_task(self, msg: IncomingMessage) -> None:
         current = asyncio.current_task()
@@ -191,8 +223,9 @@ class Worker:
             await transport.settle(msg, requeue=True)  # draining: hand it back at once
             return
         self._in_flight += 1
+        hold = _Hold()
         try:
-            await self._execute(msg, task)
+            await self._execute(msg, task, hold)
         except AmqpschedError as exc:
             log.warning("task %s not reported, it will be redelivered: %s", task.task_id, exc)
             await transport.settle(msg, requeue=True)
@@ -201,7 +234,13 @@ class Worker:
             raise
         finally:
             self._in_flight -= 1
-            self._slots.release()
+            if hold.thread is None:
+                self._slots.release()
+            else:  # a sync handler past its limit still occupies a thread: keep its slot
+                loop = asyncio.get_running_loop()
+                hold.thread.add_done_callback(
+                    lambda _: loop.call_soon_threadsafe(self._slots.release)
+                )
 
     async def _acquire_slot(self) -> bool:
         """Wait for a free slot; False when the worker started draining first."""
@@ -219,20 +258,15 @@ class Worker:
         acquire.cancel()
         return False
 
-    async def _execute(self, msg: IncomingMessage, task: TaskMessage) -> None:
+    async def _execute(self, msg: IncomingMessage, task: TaskMessage, hold: _Hold) -> None:
         handler = self.handlers.get(task.capability)
         started_at = time.time()
+        if task.task_id in self._cancelled:
+            await self._report(msg, task, None, _error(ErrorType.CANCELLED, "cancelled"))
+            return
         if started_at > task.deadline:
-            await self._report(
-                msg,
-                task,
-                None,
-                Status.FAILED,
-                None,
-                _error(
-                    ErrorType.EXPIRED, "the task's timeout passed before a worker could start it"
-                ),
-            )
+            message = "the task's timeout passed before a worker could start it"
+            await self._report(msg, task, None, _error(ErrorType.EXPIRED, message))
             return
         if handler is None:  # only if a queue is shared with another app's capability
             await self._dead_letter(msg, "no_handler", f"no handler for {task.capability!r}")
@@ -248,42 +282,118 @@ class Worker:
         )
         result: Any = None
         error: ErrorInfo | None = None
+        limit = task.time_limit or handler.time_limit
         try:
             payload = handler.parse(task.payload)
-            result = to_json(await self._call(handler, payload))
+            result = to_json(await self._run(task.task_id, handler, payload, limit, hold))
         except InvalidPayload as exc:
             error = _error(ErrorType.INVALID_PAYLOAD, str(exc))
         except InvalidResult as exc:
             error = _error(ErrorType.HANDLER_ERROR, str(exc), exc)
+        except TimeoutError:
+            error = _error(ErrorType.TIME_LIMIT, f"the attempt ran past its {limit}s time limit")
         except asyncio.CancelledError:
-            raise
+            if task.task_id not in self._cancelled:
+                raise  # the worker is stopping: the task goes back to the queue
+            error = _error(ErrorType.CANCELLED, "cancelled while running")
         except Exception as exc:
             error = _error(ErrorType.HANDLER_ERROR, str(exc) or repr(exc), exc)
         self.executed += 1
-        status = Status.SUCCEEDED if error is None else Status.FAILED
-        await self._report(msg, task, started_at, status, result, error)
+        if error is None:
+            await self._report(msg, task, started_at, None, result)
+            return
+        policy = task.retry.apply(handler.retry) if task.retry else handler.retry
+        now = time.time()
+        delay_ms = None
+        if error.type != ErrorType.CANCELLED:
+            delay_ms = retry_delay(policy, task.attempt, error.type, now, task.deadline, random())
+        if delay_ms is None:
+            if error.type in policy.retry_on:
+                # Retries exhausted (or no time left for one): keep it for `amqpsched dlq`.
+                await self._dead_letter(
+                    msg,
+                    "retries_exhausted",
+                    f"{error.type.value}: {error.message}",
+                    settle=False,
+                    task=task,
+                )
+            await self._report(msg, task, started_at, error)
+        else:
+            await self._retry(msg, task, error, delay_ms)
 
-    async def _call(self, handler: Handler, payload: Any) -> Any:
+    async def _run(
+        self, task_id: str, handler: Handler, payload: Any, limit: float | None, hold: _Hold
+    ) -> Any:
+        call: asyncio.Future[Any]
         if handler.is_async:
-            return await cast(Awaitable[Any], handler.func(payload))
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, handler.func, payload)
+            call = asyncio.ensure_future(cast(Awaitable[Any], handler.func(payload)))
+        else:
+            loop = asyncio.get_running_loop()
+            thread = self._executor.submit(handler.func, payload)
+            hold.thread = thread
+            call = asyncio.wrap_future(thread, loop=loop)
+        self._handler_tasks[task_id] = call
+        try:
+            return await asyncio.wait_for(call, limit)
+        finally:
+            self._handler_tasks.pop(task_id, None)
+            if hold.thread is not None and hold.thread.done():
+                hold.thread = None  # finished in time: its slot is free
+
+    async def _retry(
+        self, msg: IncomingMessage, task: TaskMessage, error: ErrorInfo, delay_ms: int
+    ) -> None:
+        """Hand the next attempt to the broker, which holds it ``delay_ms``; then tell the
+        scheduler; then ack. A crash in between runs the attempt again, never loses it."""
+        assert self._channel is not None
+        await self.topology.declare_delay(self._channel, delay_ms)
+        exchange = await self._channel.get_exchange(self.topology.delay_exchange)
+        nxt = task.model_copy(update={"attempt": task.attempt + 1})
+        await transport.publish(
+            exchange,
+            transport.message(
+                encode(nxt),
+                Kind.TASK,
+                message_id=task.task_id,
+                correlation_id=task.correlation_id,
+                headers={DELAY_HEADER: str(delay_ms)},
+            ),
+            task.capability,
+            mandatory=True,
+        )
+        await self._publish_event(
+            Kind.RETRYING,
+            RetryingEvent(
+                task_id=task.task_id,
+                attempt=task.attempt,
+                worker_id=self.worker_id,
+                error=error,
+                delay=delay_ms / 1000,
+            ),
+        )
+        await transport.settle(msg)
+        log.info(
+            "task %s attempt %d failed (%s): retry in %.1fs",
+            task.task_id,
+            task.attempt,
+            error.type.value,
+            delay_ms / 1000,
+        )
 
     async def _report(
         self,
         msg: IncomingMessage,
         task: TaskMessage,
         started_at: float | None,
-        status: Status,
-        result: Any,
         error: ErrorInfo | None,
+        result: Any = None,
     ) -> None:
         outcome = OutcomeEvent(
             task_id=task.task_id,
             capability=task.capability,
             attempt=task.attempt,
             worker_id=self.worker_id,
-            status=status,
+            status=Status.SUCCEEDED if error is None else Status.FAILED,
             result=result,
             error=error,
             reply_to=task.reply_to,
@@ -298,7 +408,9 @@ class Worker:
         if error is not None:
             log.info("task %s failed: %s: %s", task.task_id, error.type.value, error.message)
 
-    async def _publish_event(self, kind: Kind, event: StartedEvent | OutcomeEvent) -> None:
+    async def _publish_event(
+        self, kind: Kind, event: StartedEvent | OutcomeEvent | RetryingEvent
+    ) -> None:
         assert self._default is not None
         await transport.publish(
             self._default,
@@ -307,16 +419,39 @@ class Worker:
             mandatory=True,
         )
 
-    async def _dead_letter(self, msg: IncomingMessage, reason: str, detail: str) -> None:
+    async def _dead_letter(
+        self,
+        msg: IncomingMessage,
+        reason: str,
+        detail: str,
+        *,
+        settle: bool = True,
+        task: TaskMessage | None = None,
+    ) -> None:
         assert self._channel is not None
         dlx = await self._channel.get_exchange(self.topology.dead_letter_exchange)
         await transport.publish(
             dlx,
-            transport.dead_letter_message(msg, reason=reason, error=detail, source="worker"),
+            transport.dead_letter_message(
+                msg,
+                reason=reason,
+                error=detail,
+                source="worker",
+                capability=task.capability if task else None,
+                task_id=task.task_id if task else None,
+                attempts=task.attempt if task else None,
+            ),
             "",
         )
-        await transport.settle(msg)
+        if settle:
+            await transport.settle(msg)
         log.warning("dead-lettered message %s: %s: %s", msg.message_id, reason, detail)
+
+
+class _Hold:
+    """The thread of a sync handler that outlived its attempt (time limit or cancel)."""
+
+    thread: Future[Any] | None = None
 
 
 def _error(kind: ErrorType, message: str, exc: BaseException | None = None) -> ErrorInfo:
