@@ -52,6 +52,7 @@ class Kind(StrEnum):
     HEARTBEAT = "heartbeat"
     GOODBYE = "goodbye"
     CANCELLED = "cancelled"
+    JOURNAL = "journal"
 
 
 class ErrorType(StrEnum):

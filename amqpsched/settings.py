@@ -67,6 +67,12 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds a finished task's answer is kept for status and result queries.",
     )
+    journal_retention: int = Field(
+        default=86400,
+        gt=0,
+        description="Seconds the scheduler's journal (a RabbitMQ stream) keeps its records; a "
+        "restarted scheduler recovers the tasks of that window. Fixed once the stream exists.",
+    )
     max_tracked_tasks: int = Field(
         default=200_000,
         gt=0,

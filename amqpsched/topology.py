@@ -89,6 +89,18 @@ class Topology:
         return self._n(f"amqpsched.registry.{scheduler_id}")
 
     @property
+    def journal_queue(self) -> str:
+        """Stream of the scheduler's decisions, replayed when a scheduler starts."""
+        return self._n("amqpsched.journal")
+
+    async def declare_journal(self, channel: AbstractChannel, max_age_s: int) -> AbstractQueue:
+        return await channel.declare_queue(
+            self.journal_queue,
+            durable=True,
+            arguments={"x-queue-type": "stream", "x-max-age": f"{max_age_s}s"},
+        )
+
+    @property
     def dead_letter_exchange(self) -> str:
         return self._n("amqpsched.dlx")
 
@@ -193,6 +205,7 @@ class Topology:
             self.submit_queue,
             self.results_queue,
             self.dead_letter_queue,
+            self.journal_queue,
             *(self.capability_queue(c) for c in capabilities),
             *(self.delay_queue(ms) for ms in DELAY_STEPS_MS),
         ]:

@@ -20,6 +20,7 @@ import pytest
 
 from amqpsched import Client, Settings
 from amqpsched.scheduler import Scheduler
+from amqpsched.retry import DELAY_STEPS_MS
 from amqpsched.topology import Topology
 from amqpsched.worker import Worker, WorkerApp
 from amqpsched.worker.builtin import app as builtin_app
@@ -78,14 +79,13 @@ class System:
 
     def __init__(self, url: str, **overrides: Any) -> None:
         self.namespace = f"t{uuid.uuid4().hex[:10]}"
-        self.settings = Settings(
-            amqp_url=url,
-            namespace=self.namespace,
-            heartbeat_interval=0.2,
-            heartbeat_miss_limit=3,
-            shutdown_timeout=10,
+        self.overrides: dict[str, Any] = {
+            "heartbeat_interval": 0.2,
+            "heartbeat_miss_limit": 3,
+            "shutdown_timeout": 10,
             **overrides,
-        )
+        }
+        self.settings = Settings(amqp_url=url, namespace=self.namespace, **self.overrides)
         self.topology = Topology(self.namespace)
         self.capabilities: set[str] = {"echo", "sleep", "resize"}
         self._cleanup: list[Callable[[], Awaitable[Any]]] = []
@@ -95,9 +95,9 @@ class System:
         env.update(
             AMQPSCHED_AMQP_URL=self.settings.amqp_url.get_secret_value(),
             AMQPSCHED_NAMESPACE=self.namespace,
-            AMQPSCHED_HEARTBEAT_INTERVAL=str(self.settings.heartbeat_interval),
             PYTHONPATH=str(ROOT),
         )
+        env.update({f"AMQPSCHED_{k.upper()}": str(v) for k, v in self.overrides.items()})
         env.update(extra)
         return env
 
@@ -158,7 +158,9 @@ class System:
                 topo.submit_queue,
                 topo.results_queue,
                 topo.dead_letter_queue,
+                topo.journal_queue,
                 *(topo.capability_queue(c) for c in sorted(self.capabilities)),
+                *(topo.delay_queue(ms) for ms in DELAY_STEPS_MS),
             ]
             for name in names:
                 channel = await conn.channel()
@@ -166,7 +168,13 @@ class System:
                     await channel.queue_delete(name)
                 with suppress(Exception):
                     await channel.close()
-            for ex in (topo.tasks_exchange, topo.registry_exchange, topo.dead_letter_exchange):
+            for ex in (
+                topo.tasks_exchange,
+                topo.registry_exchange,
+                topo.dead_letter_exchange,
+                topo.delay_exchange,
+                topo.control_exchange,
+            ):
                 channel = await conn.channel()
                 with suppress(Exception):
                     await channel.exchange_delete(ex)

@@ -34,6 +34,7 @@ from ..protocol import (
 from ..settings import Settings
 from ..topology import Topology
 from ..transport import IncomingMessage
+from .journal import Journal, Record, accepted, answered, cancelled, replay
 from .outbox import Outbox, failure
 from .registry import WorkerRegistry
 from .state import MemoryTaskStore, TaskRecord, is_fenced, timeout_error
@@ -59,6 +60,8 @@ class Scheduler:
         )
         self._conn: AbstractRobustConnection | None = None
         self._outbox: Outbox | None = None
+        self._journal: Journal | None = None
+        self._started_at = 0.0
         self._sweeper: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         #: Cancelled task id -> deadline, re-announced to workers that say hello.
@@ -88,7 +91,12 @@ class Scheduler:
             channel = await transport.confirm_channel(self._conn, self.settings.scheduler_prefetch)
             topo = self.topology
             await topo.declare_core(channel)
+            await topo.declare_journal(channel, self.settings.journal_retention)
             self._outbox = Outbox(channel, topo)
+            self._journal = Journal(channel, topo)
+            recovered = await replay(self._conn, topo, self._apply)
+            if recovered:
+                log.info("recovered %d journal record(s), %d task(s)", recovered, len(self.store))
             registry_queue = await topo.declare_registry_queue(channel, self.scheduler_id)
             await registry_queue.consume(self._on_announcement, no_ack=True)
             results = await channel.get_queue(topo.results_queue)
@@ -98,6 +106,7 @@ class Scheduler:
         except transport.BROKER_ERRORS as exc:
             await self._conn.close()
             raise BrokerError(f"scheduler could not set up its topology: {exc}") from exc
+        self._started_at = time.time()
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="amqpsched-sweeper")
         self.consuming = True
         log.info(
@@ -119,6 +128,45 @@ class Scheduler:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+    @property
+    def journal(self) -> Journal:
+        if self._journal is None:
+            raise AmqpschedError("scheduler is not started")
+        return self._journal
+
+    def _apply(self, record: Record) -> None:
+        """One journal record, replayed at start."""
+        kind = record["k"]
+        if kind == "accepted":
+            if self.store.get(record["task_id"]) is None:
+                self.store.add(
+                    TaskRecord(
+                        task_id=record["task_id"],
+                        capability=record["capability"],
+                        reply_to=record["reply_to"],
+                        correlation_id=record["correlation_id"],
+                        submitted_at=record["submitted_at"],
+                        deadline=record["deadline"],
+                        state=TaskState.DISPATCHED,
+                        idempotency_key=record.get("key"),
+                    )
+                )
+        elif kind == "answered":
+            answer = Answer.model_validate(record["answer"])
+            assert answer.task_id is not None
+            known = self.store.get(answer.task_id) or TaskRecord(
+                answer.task_id,
+                answer.capability or "",
+                "",
+                "",
+                answer.submitted_at or record["at"],
+                record["at"],
+            )
+            known.attempts = answer.attempts
+            self.store.finish(known, answer, record["at"])
+        elif kind == "cancelled":
+            self._cancels[record["task_id"]] = record["until"]
 
     @property
     def ready(self) -> bool:
@@ -203,6 +251,11 @@ class Scheduler:
         known = self.store.get(req.task_id) if req.task_id else None
         if known is None and req.idempotency_key is not None:
             known = self.store.by_key(req.idempotency_key, now)
+        if known is not None and msg.redelivered and not known.final and known.task is None:
+            # Recovered from the journal, but was its dispatch confirmed before the crash? Not
+            # known: dispatch again (fencing and the one-answer rule make that safe).
+            self.store.forget(known.task_id)
+            known = None
         if known is not None:
             # The same task again (a redelivery, a client retry, an idempotency key): it runs
             # once, and every submission gets its answer.
@@ -235,8 +288,11 @@ class Scheduler:
             idempotency_key=req.idempotency_key,
         )
         self.store.add(record)
+        entry = accepted(
+            task.task_id, task.capability, reply_to, corr, now, task.deadline, req.idempotency_key
+        )
         try:
-            await self.outbox.dispatch(task)
+            await asyncio.gather(self.outbox.dispatch(task), self.journal.append(entry))
         except AmqpschedError:
             self.store.forget(task.task_id)  # not dispatched: the redelivery starts afresh
             raise
@@ -272,6 +328,7 @@ class Scheduler:
         if record is not None and not record.final:
             now = time.time()
             self._cancels[task_id] = record.deadline
+            await self.journal.append(cancelled(task_id, record.deadline))
             # Workers first: a queued task must be skipped, a running one stopped.
             await self.outbox.cancel_notice([task_id], record.deadline)
             answer = failure(record, ErrorType.CANCELLED, "the task was cancelled", now)
@@ -401,10 +458,16 @@ class Scheduler:
 
     async def _finish(self, record: TaskRecord, answer: Answer, now: float) -> None:
         """Send the one final answer to the submitter and every watcher, then remember it."""
-        await self.outbox.answer(
-            [(record.reply_to, record.correlation_id), *record.watchers], answer
-        )
-        self.store.finish(record, answer, now)
+        targets = [(record.reply_to, record.correlation_id), *record.watchers]
+        state, watchers = record.state, list(record.watchers)
+        self.store.finish(record, answer, now)  # final at once for status queries
+        try:
+            await self.outbox.answer([t for t in targets if t[0]], answer)
+            # Journaled after it was sent: a crash in between may answer twice, never zero times.
+            await self.journal.append(answered(answer, now))
+        except AmqpschedError:
+            self.store.reopen(record, state, watchers)  # the redelivery will answer it
+            raise
 
     async def _on_announcement(self, msg: IncomingMessage) -> None:
         try:
@@ -457,7 +520,9 @@ class Scheduler:
                 len(lost),
             )
             await asyncio.gather(*(self._redispatch(record, worker_id, now) for record in lost))
-        due = self.store.due(now)
+        # After a start, give workers one liveness window to be heard before telling
+        # "no worker" from "expired".
+        due = self.store.due(now) if now > self._started_at + self.registry.liveness_window else []
         if due:
             await asyncio.gather(*(self._expire(record, now) for record in due))
         self._cancels = {k: v for k, v in self._cancels.items() if v > now}

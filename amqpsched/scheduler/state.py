@@ -56,6 +56,9 @@ class TaskStore(Protocol):
     def purge(self, now: float) -> int: ...
     def forget(self, task_id: str) -> None: ...
     def remind(self, record: TaskRecord, at: float) -> None: ...
+    def reopen(
+        self, record: TaskRecord, state: TaskState, watchers: list[tuple[str, str]]
+    ) -> None: ...
     def running_on(self, worker_id: str) -> list[TaskRecord]: ...
     def by_key(self, key: str, now: float) -> TaskRecord | None: ...
 
@@ -117,6 +120,14 @@ class MemoryTaskStore:
             if record is not None and not record.started:
                 out.append(record)
         return out
+
+    def reopen(self, record: TaskRecord, state: TaskState, watchers: list[tuple[str, str]]) -> None:
+        """Undo :meth:`finish` (its answer could not be sent)."""
+        record.answer = None
+        record.finished_at = None
+        record.state = state
+        record.watchers = watchers
+        self._finished.pop(record.task_id, None)
 
     def remind(self, record: TaskRecord, at: float) -> None:
         """Return ``record`` from :meth:`due` again at ``at`` (an answer that could not be sent)."""

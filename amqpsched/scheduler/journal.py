@@ -1,0 +1,147 @@
+"""The scheduler's journal: its decisions (task accepted, answered, cancelled) appended to a
+RabbitMQ stream, and replayed by a scheduler that starts, so a restart forgets nothing within the
+retention window: no second answer, no lost deadline, no forgotten cancel or idempotency key.
+
+Appends are group-committed: records that arrive while a publish awaits its confirm go together
+in the next message, so the journal costs one confirmed publish per batch, not per record."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+
+from .. import transport
+from ..errors import BrokerError
+from ..protocol import Answer, Kind
+from ..topology import Topology
+
+log = logging.getLogger("amqpsched.journal")
+
+Record = dict[str, Any]
+
+
+def accepted(
+    task_id: str,
+    capability: str,
+    reply_to: str,
+    correlation_id: str,
+    submitted_at: float,
+    deadline: float,
+    key: str | None,
+) -> Record:
+    return {
+        "k": "accepted",
+        "task_id": task_id,
+        "capability": capability,
+        "reply_to": reply_to,
+        "correlation_id": correlation_id,
+        "submitted_at": submitted_at,
+        "deadline": deadline,
+        "key": key,
+    }
+
+
+def answered(answer: Answer, finished_at: float) -> Record:
+    return {"k": "answered", "answer": answer.model_dump(mode="json"), "at": finished_at}
+
+
+def cancelled(task_id: str, until: float) -> Record:
+    return {"k": "cancelled", "task_id": task_id, "until": until}
+
+
+class Journal:
+    def __init__(self, channel: AbstractChannel, topology: Topology) -> None:
+        self.channel = channel
+        self.topology = topology
+        self._batch: list[tuple[Record, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Future[None] | None = None
+
+    async def append(self, record: Record) -> None:
+        """Return once the broker has confirmed the record is stored."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._batch.append((record, fut))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush())
+        await fut
+
+    async def _flush(self) -> None:
+        while self._batch:
+            batch, self._batch = self._batch, []
+            body = "\n".join(json.dumps(r, separators=(",", ":")) for r, _ in batch).encode()
+            try:
+                await transport.publish(
+                    self.channel.default_exchange,
+                    transport.message(body, Kind.JOURNAL, persistent=True),
+                    self.topology.journal_queue,
+                    mandatory=True,
+                )
+            except BrokerError as exc:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_result(None)
+
+
+async def replay(
+    conn: AbstractRobustConnection,
+    topology: Topology,
+    apply: Callable[[Record], None],
+    timeout: float = 120.0,
+) -> int:
+    """Read the whole journal, oldest first, calling ``apply`` on each record; return the count.
+    The end is found by appending a marker first and reading until it comes back."""
+    channel = await conn.channel(publisher_confirms=True)
+    marker = uuid.uuid4().hex
+    count = 0
+    done = asyncio.Event()
+    try:
+        await channel.set_qos(prefetch_count=1000)
+        queue = await channel.get_queue(topology.journal_queue)
+        await transport.publish(
+            channel.default_exchange,
+            aio_pika.Message(json.dumps({"k": "marker", "id": marker}).encode()),
+            topology.journal_queue,
+            mandatory=True,
+        )
+
+        async def on_message(msg: aio_pika.abc.AbstractIncomingMessage) -> None:
+            # Records are applied before the first await, so in delivery order.
+            nonlocal count
+            for line in [] if done.is_set() else msg.body.splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    log.warning("unreadable journal line skipped")
+                    continue
+                if record.get("k") == "marker":
+                    if record.get("id") == marker:
+                        done.set()
+                        break
+                    continue
+                try:
+                    apply(record)
+                    count += 1
+                except Exception:
+                    log.exception("journal record skipped: %s", str(record)[:200])
+            await msg.ack()
+
+        tag = await queue.consume(on_message, arguments={"x-stream-offset": "first"})
+        try:
+            await asyncio.wait_for(done.wait(), timeout)
+        finally:
+            await queue.cancel(tag)
+    except transport.BROKER_ERRORS as exc:
+        raise BrokerError(f"cannot read the journal: {exc}") from exc
+    finally:
+        await channel.close()
+    return count

@@ -1,0 +1,270 @@
+"""Retries, time limits, expiry, cancellation, idempotency and fencing, on the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+from amqpsched import TaskFailed, WorkerApp
+from amqpsched.protocol import RetryPolicy, TaskState
+from amqpsched.transport import H_ATTEMPTS, H_CAPABILITY, H_ERROR, H_REASON
+
+from .conftest import System
+
+
+class Flaky:
+    """Fails its first ``failures`` calls for each task id, then answers."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls: dict[str, int] = {}
+
+    def app(self, **retry: Any) -> WorkerApp:
+        app = WorkerApp()
+
+        @app.capability("flaky", retry=RetryPolicy(**retry))
+        async def flaky(payload: Any) -> Any:
+            key = str(payload)
+            self.calls[key] = self.calls.get(key, 0) + 1
+            if self.calls[key] <= self.failures:
+                raise ConnectionError(f"transient failure {self.calls[key]}")
+            return {"calls": self.calls[key]}
+
+        return app
+
+
+async def test_a_failing_task_is_retried_with_backoff_and_answer_counts_attempts(
+    system: System,
+) -> None:
+    await system.scheduler()
+    flaky = Flaky(failures=2)
+    await system.worker("flaky", app=flaky.app(max_attempts=3, backoff=0.1, jitter=0))
+    client = await system.client()
+    started = time.monotonic()
+    handle = await client.submit("flaky", "a", timeout=30)
+    answer = await handle.answer()
+    elapsed = time.monotonic() - started
+    assert answer.status == "succeeded"
+    assert answer.result == {"calls": 3}
+    assert answer.attempts == 3
+    # The broker held the retries: 100 ms, then 2 x 100 ms rounded down to the 100 ms step.
+    assert elapsed >= 0.2
+
+
+async def test_exhausted_retries_fail_with_last_error_and_are_dead_lettered(
+    system: System,
+) -> None:
+    await system.scheduler()
+    flaky = Flaky(failures=5)
+    await system.worker("flaky", app=flaky.app(max_attempts=2, backoff=0.1))
+    client = await system.client()
+    with pytest.raises(TaskFailed) as info:
+        await client.call("flaky", "b", timeout=30)
+    assert info.value.error_type == "handler_error"
+    assert info.value.attempts == 2
+    assert flaky.calls["b"] == 2
+    [dead] = await system.dead_letters(1)
+    assert dead.headers[H_REASON] == "retries_exhausted"
+    assert dead.headers[H_CAPABILITY] == "flaky"
+    assert dead.headers[H_ATTEMPTS] == 2
+    assert "transient failure 2" in str(dead.headers[H_ERROR])
+
+
+async def test_per_task_retry_override_and_non_retried_errors(system: System) -> None:
+    await system.scheduler()
+    flaky = Flaky(failures=1)
+    await system.worker("flaky", app=flaky.app(max_attempts=1))
+    client = await system.client()
+    # The capability does not retry; this task asks for two attempts.
+    assert await client.call("flaky", "c", retry={"max_attempts": 2, "backoff": 0.1}) == {
+        "calls": 2
+    }
+    # A task may also narrow what is retried: here nothing is.
+    with pytest.raises(TaskFailed) as info:
+        await client.call("flaky", "d", retry={"max_attempts": 3, "retry_on": []})
+    assert info.value.attempts == 1
+
+
+async def test_async_handler_past_its_time_limit_is_cancelled(system: System) -> None:
+    await system.scheduler()
+    worker = await system.worker("sleep", "echo", concurrency=1)
+    client = await system.client()
+    started = time.monotonic()
+    with pytest.raises(TaskFailed) as info:
+        await client.call("sleep", {"seconds": 30}, time_limit=0.3, timeout=20)
+    assert info.value.error_type == "time_limit"
+    assert time.monotonic() - started < 5
+    # Its one slot is free again at once.
+    assert await client.call("echo", "next", timeout=5) == "next"
+    assert worker.executed == 2
+
+
+def _sync_sleeper() -> tuple[WorkerApp, asyncio.Event]:
+    app = WorkerApp()
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    @app.capability("block", time_limit=0.3)
+    def block(seconds: Any) -> str:
+        time.sleep(float(seconds))
+        loop.call_soon_threadsafe(done.set)
+        return "woke"
+
+    return app, done
+
+
+async def test_sync_handler_past_its_time_limit_is_answered_and_worker_stays_healthy(
+    system: System,
+) -> None:
+    await system.scheduler()
+    app, done = _sync_sleeper()
+    await system.worker("block", app=app, concurrency=2)
+    client = await system.client()
+    with pytest.raises(TaskFailed) as info:
+        await client.call("block", 1.5, timeout=20)
+    assert info.value.error_type == "time_limit"
+    assert not done.is_set()  # answered while the thread still runs
+    # The other slot still serves; the first is given back when the thread ends.
+    assert await client.call("block", 0, timeout=20) == "woke"
+    await asyncio.wait_for(done.wait(), 5)
+
+
+async def test_cancel_a_queued_task_it_never_runs(system: System) -> None:
+    await system.scheduler()
+    client = await system.client()
+    handle = await client.submit("echo", "never", timeout=30)
+    reply = await handle.cancel()
+    assert reply.state == TaskState.FAILED
+    with pytest.raises(TaskFailed) as info:
+        await handle.result()
+    assert info.value.error_type == "cancelled"
+    worker = await system.worker("echo")
+    assert await client.call("echo", "after", timeout=10) == "after"
+    # The cancelled task was skipped, not run (it was ahead of "after" in the queue).
+    assert worker.executed == 1
+
+
+async def test_cancel_a_running_task_stops_its_handler(system: System) -> None:
+    await system.scheduler()
+    worker = await system.worker("sleep", concurrency=1)
+    client = await system.client()
+    handle = await client.submit("sleep", {"seconds": 30}, timeout=60)
+    async with asyncio.timeout(10):
+        while (await handle.status()).state != TaskState.RUNNING:
+            await asyncio.sleep(0.02)
+    started = time.monotonic()
+    await handle.cancel()
+    with pytest.raises(TaskFailed) as info:
+        await handle.result()
+    assert info.value.error_type == "cancelled"
+    # The slot comes back: the next task runs well before the cancelled one would have ended.
+    assert await client.call("sleep", {"seconds": 0}, timeout=10) == {"slept": 0}
+    assert time.monotonic() - started < 5
+    assert worker.executed == 2
+
+
+async def test_cancel_a_finished_task_changes_nothing(system: System) -> None:
+    await system.scheduler()
+    await system.worker("echo")
+    client = await system.client()
+    handle = await client.submit("echo", 1)
+    assert await handle.result() == 1
+    reply = await handle.cancel()
+    assert reply.state == TaskState.SUCCEEDED
+    assert (await client.cancel("unknown-task")).state == TaskState.UNKNOWN
+
+
+async def test_same_idempotency_key_gives_same_task_and_answer(system: System) -> None:
+    await system.scheduler()
+    worker = await system.worker("sleep")
+    client = await system.client()
+    key = f"order-{uuid.uuid4().hex}"
+    first = await client.submit("sleep", {"seconds": 0.2}, idempotency_key=key)
+    second = await client.submit("sleep", {"seconds": 0.2}, idempotency_key=key)
+    a1, a2 = await first.answer(), await second.answer()
+    assert a1.task_id == a2.task_id == first.task_id
+    assert a1.result == a2.result == {"slept": 0.2}
+    late = await client.submit("sleep", {"seconds": 0.2}, idempotency_key=key)
+    assert (await late.answer()).task_id == first.task_id
+    other = await client.submit("sleep", {"seconds": 0.0}, idempotency_key=key + "-other")
+    assert (await other.answer()).task_id == other.task_id
+    assert worker.executed == 2
+
+
+def _gated_app() -> tuple[WorkerApp, asyncio.Event]:
+    app = WorkerApp()
+    gate = asyncio.Event()
+
+    @app.capability("gated")
+    async def gated(payload: Any) -> Any:
+        await gate.wait()
+        return payload
+
+    return app, gate
+
+
+async def test_a_hung_worker_is_declared_dead_and_its_late_result_is_fenced(
+    system: System,
+) -> None:
+    sched = await system.scheduler()
+    app, gate = _gated_app()
+    hung = await system.worker("gated", app=app, concurrency=1)
+    client = await system.client()
+    handle = await client.submit("gated", "payload", timeout=60)
+    async with asyncio.timeout(10):
+        while (await handle.status()).state != TaskState.RUNNING:
+            await asyncio.sleep(0.02)
+    # The worker's loop "hangs" as far as the scheduler can tell: no more heartbeats.
+    assert hung._heartbeat is not None
+    hung._heartbeat.cancel()
+    healthy_app, healthy_gate = _gated_app()
+    healthy_gate.set()
+    healthy = await system.worker("gated", app=healthy_app)
+    answer = await handle.answer()
+    assert answer.worker_id == healthy.worker_id
+    assert answer.attempts == 2
+    # Now the zombie finishes attempt 1: its outcome is fenced, never a second answer.
+    gate.set()
+    async with asyncio.timeout(10):
+        while sched.fenced == 0:
+            await asyncio.sleep(0.02)
+    status = await handle.status()
+    assert status.answer is not None
+    assert status.answer.worker_id == healthy.worker_id
+
+
+async def test_a_restarted_scheduler_remembers_answers_cancels_keys_and_deadlines(
+    system: System,
+) -> None:
+    first = await system.scheduler()
+    worker = await system.worker("echo")
+    client = await system.client()
+    done = await client.submit("echo", "kept", idempotency_key="k-1")
+    assert await done.result() == "kept"
+    await worker.stop()
+    queued = await client.submit("echo", "cancel me", timeout=60)
+    await queued.cancel()
+    system.capabilities.add("nobody")
+    waiting = await client.submit("nobody", 1, timeout=2)
+    await first.stop()
+
+    await system.scheduler()
+    status = await client.status(done.task_id)
+    assert status.state == TaskState.SUCCEEDED
+    assert status.answer is not None
+    assert status.answer.result == "kept"
+    # The idempotency key still maps to the answered task: no second run.
+    again = await client.submit("echo", "kept", idempotency_key="k-1")
+    assert (await again.answer()).task_id == done.task_id
+    # The deadline survived: the task nobody serves is answered no_worker by the new scheduler.
+    with pytest.raises(TaskFailed) as info:
+        await waiting.result(timeout=10)
+    assert info.value.error_type == "no_worker"
+    # The cancel survived: a worker that starts now skips the cancelled task.
+    second = await system.worker("echo")
+    assert await client.call("echo", "after", timeout=10) == "after"
+    assert second.executed == 1
