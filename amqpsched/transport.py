@@ -50,6 +50,9 @@ BROKER_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     asyncio.TimeoutError,
 )
+#: Seconds to wait for a publish's confirm before calling it failed (it is then redone: at least
+#: once, never lost).
+PUBLISH_TIMEOUT = 30.0
 SETTLE_ERRORS: tuple[type[BaseException], ...] = (
     *BROKER_ERRORS,
     aio_pika.exceptions.MessageProcessError,
@@ -121,7 +124,7 @@ async def publish(
 ) -> None:
     """Publish and wait for the broker's confirm; raise :class:`BrokerError` if none comes."""
     try:
-        await exchange.publish(msg, routing_key, mandatory=mandatory)
+        await exchange.publish(msg, routing_key, mandatory=mandatory, timeout=PUBLISH_TIMEOUT)
     except aio_pika.exceptions.PublishError as exc:
         raise BrokerError(f"message to {routing_key!r} was not routed: {exc}") from exc
     except BROKER_ERRORS as exc:

@@ -109,8 +109,14 @@ class Worker:
             await self._announce(Kind.HELLO)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._welcomed.wait(), self.settings.heartbeat_interval)
+            # Long tasks must not be cut by the broker's delivery-ack timeout (the scheduler's
+            # heartbeats find dead workers). Per consumer from RabbitMQ 3.12; older brokers
+            # ignore it and need `consumer_timeout` raised in rabbitmq.conf (docs/guarantees.md).
+            ack_timeout = min(int(self.settings.max_timeout * 1000), 2**31 - 1)
             for queue in queues:
-                tag = await queue.consume(self._on_task)
+                tag = await queue.consume(
+                    self._on_task, arguments={"x-consumer-timeout": ack_timeout}
+                )
                 self._consumers.append((queue, tag))
         except transport.BROKER_ERRORS as exc:
             await self._conn.close()
