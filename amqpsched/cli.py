@@ -61,6 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("capabilities", help="list the live capabilities")
     _common(p, metrics=False)
 
+    p = sub.add_parser("dlq", help="list or replay the dead-letter queue")
+    dlq = p.add_subparsers(dest="dlq_command", required=True)
+    p = dlq.add_parser("list", help="print the dead letters (none is removed)")
+    _common(p, metrics=False)
+    p.add_argument("--limit", type=int, default=100, help="most dead letters shown")
+    p.add_argument("--json", action="store_true", help="one JSON array")
+    p = dlq.add_parser("replay", help="submit dead letters again and remove them")
+    _common(p, metrics=False)
+    p.add_argument("ids", nargs="*", metavar="ID", help="dead-letter ids (see dlq list)")
+    p.add_argument("--all", action="store_true", help="every dead letter")
+
     p = sub.add_parser("schema", help="write or check docs/schemas/*.json")
     p.add_argument("--dir", default="docs/schemas", type=Path)
     p.add_argument("--check", action="store_true", help="fail if the files differ")
@@ -101,6 +112,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_demo(images=args.images)
     settings = _settings(args)
     setup_logging(settings)
+    if args.command == "dlq":
+        return asyncio.run(_dlq_command(args, settings))
     if args.command == "scheduler":
         from .scheduler import Scheduler
 
@@ -119,6 +132,29 @@ def _dispatch(args: argparse.Namespace) -> int:
         asyncio.run(serve(worker, settings, CollectorRegistry()))
         return 0
     return asyncio.run(_client_command(args, settings))
+
+
+async def _dlq_command(args: argparse.Namespace, settings: Settings) -> int:
+    from .dlq import format_line, list_dead, replay
+
+    if args.dlq_command == "list":
+        dead = await list_dead(settings, limit=args.limit)
+        if args.json:
+            print(json.dumps([d.to_json() for d in dead], indent=2))
+        else:
+            for d in dead:
+                print(format_line(d))
+        return 0
+    if bool(args.ids) == args.all:
+        print("amqpsched dlq replay: give dead-letter ids or --all (not both)", file=sys.stderr)
+        return 2
+    report = await replay(settings, None if args.all else args.ids)
+    print(f"replayed {len(report.replayed)} dead letter(s)")
+    for dead_id in report.not_found:
+        print(f"amqpsched: dead letter {dead_id} not found", file=sys.stderr)
+    for dead_id, why in report.skipped:
+        print(f"amqpsched: dead letter {dead_id} not replayed: {why}", file=sys.stderr)
+    return 0 if report.ok else 1
 
 
 async def _client_command(args: argparse.Namespace, settings: Settings) -> int:

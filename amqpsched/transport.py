@@ -8,6 +8,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
@@ -169,6 +170,7 @@ def dead_letter_message(
         message_id=incoming.message_id,
         delivery_mode=DeliveryMode.PERSISTENT,
         headers=headers,
+        timestamp=datetime.now(UTC),
     )
 
 

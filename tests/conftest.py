@@ -19,8 +19,8 @@ import aio_pika
 import pytest
 
 from amqpsched import Client, Settings
-from amqpsched.scheduler import Scheduler
 from amqpsched.retry import DELAY_STEPS_MS
+from amqpsched.scheduler import Scheduler
 from amqpsched.topology import Topology
 from amqpsched.worker import Worker, WorkerApp
 from amqpsched.worker.builtin import app as builtin_app

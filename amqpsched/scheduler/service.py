@@ -246,8 +246,9 @@ class Scheduler:
             await self._reject(msg, "timeout_too_large", detail, req)
             return
         now = time.time()
-        if req.task_id and (msg.headers or {}).get(transport.H_REPLAY):
-            self.store.forget(req.task_id)  # a replay from the dead-letter queue runs anew
+        replayed = self.store.get(req.task_id) if req.task_id else None
+        if replayed is not None and replayed.final and (msg.headers or {}).get(transport.H_REPLAY):
+            self.store.forget(replayed.task_id)  # a replay from the dead-letter queue runs anew
         known = self.store.get(req.task_id) if req.task_id else None
         if known is None and req.idempotency_key is not None:
             known = self.store.by_key(req.idempotency_key, now)

@@ -1,0 +1,221 @@
+"""Prometheus metrics: names ``amqpsched_*``, base units, bounded labels (capability, outcome,
+reason; never a task id). Every process gets its registry passed in; nothing is global."""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from . import __version__
+
+#: Seconds, from a millisecond round trip to an hour-long task.
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    900.0,
+    3600.0,
+)
+
+#: At most this many workers get their own heartbeat-age series.
+MAX_WORKER_SERIES = 500
+
+
+def build_info(registry: CollectorRegistry, component: str) -> None:
+    Info("amqpsched_build", "Version of amqpsched and Python", registry=registry).info(
+        {"version": __version__, "python": platform.python_version(), "component": component}
+    )
+
+
+class SchedulerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        build_info(registry, "scheduler")
+        self.submitted = Counter(
+            "amqpsched_tasks_submitted_total",
+            "Tasks accepted by the scheduler",
+            ["capability"],
+            registry=registry,
+        )
+        self.dispatched = Counter(
+            "amqpsched_tasks_dispatched_total",
+            "Task attempts published to a capability queue (first dispatch and re-dispatches)",
+            ["capability"],
+            registry=registry,
+        )
+        self.finished = Counter(
+            "amqpsched_tasks_finished_total",
+            "Final answers, by outcome: succeeded or the error type",
+            ["capability", "outcome"],
+            registry=registry,
+        )
+        self.retries = Counter(
+            "amqpsched_task_retries_total",
+            "Failed attempts that will run again",
+            ["capability"],
+            registry=registry,
+        )
+        self.redispatched = Counter(
+            "amqpsched_tasks_redispatched_total",
+            "Running tasks dispatched again because their worker was declared dead",
+            ["capability"],
+            registry=registry,
+        )
+        self.fenced = Counter(
+            "amqpsched_fenced_results_total",
+            "Late results of superseded attempts, ignored",
+            ["capability"],
+            registry=registry,
+        )
+        self.dead_lettered = Counter(
+            "amqpsched_dead_lettered_total",
+            "Messages this process put in the dead-letter queue, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "amqpsched_rejected_total",
+            "Bad client requests, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            "amqpsched_task_queue_wait_seconds",
+            "From submission to the start of the first attempt",
+            ["capability"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.execution = Histogram(
+            "amqpsched_task_execution_seconds",
+            "Run time of the attempt that answered",
+            ["capability"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.end_to_end = Histogram(
+            "amqpsched_task_end_to_end_seconds",
+            "From submission to the final answer",
+            ["capability"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "amqpsched_tasks_in_flight",
+            "Accepted tasks not answered yet",
+            ["capability"],
+            registry=registry,
+        )
+        self.reconnects = Counter(
+            "amqpsched_broker_reconnects_total",
+            "Times the connection to the broker was re-established",
+            registry=registry,
+        )
+
+
+class RegistryCollector(Collector):
+    """Live workers, their slots and heartbeat ages, read from the registry at scrape time."""
+
+    def __init__(self, snapshot: Callable[[], Iterable[tuple[str, list[str], int, int, float]]]):
+        # snapshot yields (worker_id, capabilities, concurrency, in_flight, seconds since seen)
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterable[Metric]:
+        live = GaugeMetricFamily(
+            "amqpsched_workers_live", "Live workers per capability", labels=["capability"]
+        )
+        used = GaugeMetricFamily(
+            "amqpsched_worker_slots_used",
+            "Tasks running on live workers, per capability they offer",
+            labels=["capability"],
+        )
+        available = GaugeMetricFamily(
+            "amqpsched_worker_slots_available",
+            "Free task slots on live workers, per capability they offer",
+            labels=["capability"],
+        )
+        age = GaugeMetricFamily(
+            "amqpsched_worker_heartbeat_age_seconds",
+            f"Seconds since each live worker's last heartbeat (first {MAX_WORKER_SERIES})",
+            labels=["worker"],
+        )
+        per_cap: dict[str, list[int]] = {}
+        for n, (worker_id, caps, concurrency, in_flight, seen) in enumerate(self._snapshot()):
+            for cap in caps:
+                acc = per_cap.setdefault(cap, [0, 0, 0])
+                acc[0] += 1
+                acc[1] += in_flight
+                acc[2] += max(concurrency - in_flight, 0)
+            if n < MAX_WORKER_SERIES:
+                age.add_metric([worker_id], seen)
+        for cap, (workers, busy, free) in sorted(per_cap.items()):
+            live.add_metric([cap], workers)
+            used.add_metric([cap], busy)
+            available.add_metric([cap], free)
+        return [live, used, available, age]
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        build_info(registry, "worker")
+        self.tasks = Counter(
+            "amqpsched_worker_tasks_total",
+            "Attempts this worker finished, by outcome: succeeded, retrying or the error type",
+            ["capability", "outcome"],
+            registry=registry,
+        )
+        self.execution = Histogram(
+            "amqpsched_worker_execution_seconds",
+            "Run time of each attempt on this worker",
+            ["capability"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.slots_used = Gauge(
+            "amqpsched_worker_slots_used_local", "Tasks this worker is running", registry=registry
+        )
+        self.slots_total = Gauge(
+            "amqpsched_worker_slots_local", "Tasks this worker may run at once", registry=registry
+        )
+        self.dead_lettered = Counter(
+            "amqpsched_dead_lettered_total",
+            "Messages this process put in the dead-letter queue, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        self.reconnects = Counter(
+            "amqpsched_broker_reconnects_total",
+            "Times the connection to the broker was re-established",
+            registry=registry,
+        )
+
+
+class ClientMetrics:
+    """The client SDK's own call histogram, exported into the registry the caller gives."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.calls = Histogram(
+            "amqpsched_client_call_seconds",
+            "From submit to answer, as the client saw it, by outcome",
+            ["capability", "outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
