@@ -1,5 +1,6 @@
 """amqpsched: a distributed task scheduler on RabbitMQ."""
 
+from ._version import __version__
 from .client import Client, SyncClient, TaskHandle
 from .errors import (
     AmqpschedError,
@@ -14,8 +15,6 @@ from .errors import (
 )
 from .settings import Settings
 from .worker.app import InvalidPayload, WorkerApp
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AmqpschedError",

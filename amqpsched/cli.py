@@ -117,7 +117,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "scheduler":
         from .scheduler import Scheduler
 
-        asyncio.run(serve(Scheduler(settings), settings, CollectorRegistry()))
+        registry = CollectorRegistry()
+        asyncio.run(serve(Scheduler(settings, registry=registry), settings, registry))
         return 0
     if args.command == "worker":
         from .worker import Worker, WorkerApp
@@ -128,8 +129,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         app.include(builtin)
         for spec in args.app:
             app.include(load_app(spec))
-        worker = Worker(app, args.capability, settings)
-        asyncio.run(serve(worker, settings, CollectorRegistry()))
+        registry = CollectorRegistry()
+        worker = Worker(app, args.capability, settings, registry=registry)
+        asyncio.run(serve(worker, settings, registry))
         return 0
     return asyncio.run(_client_command(args, settings))
 

@@ -9,12 +9,14 @@ import asyncio
 import json
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+from prometheus_client import CollectorRegistry
 
 from . import transport
 from .errors import (
@@ -25,6 +27,7 @@ from .errors import (
     TaskTimeout,
     UnknownTask,
 )
+from .metrics import ClientMetrics
 from .protocol import (
     PROTOCOL_VERSION,
     Answer,
@@ -109,8 +112,16 @@ class TaskHandle:
 class Client:
     """``async with Client() as c: await c.call("echo", {"hi": 1})``."""
 
-    def __init__(self, settings: Settings | None = None, *, client_id: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        client_id: str | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        """``registry``: export the client's own call histogram there."""
         self.settings = settings or Settings()
+        self._metrics = ClientMetrics(registry) if registry is not None else None
         self.topology = Topology(self.settings.namespace)
         self.client_id = client_id or uuid.uuid4().hex
         self._conn: AbstractRobustConnection | None = None
@@ -230,8 +241,23 @@ class Client:
     async def call(self, capability: str, payload: Any, **options: Any) -> Any:
         """Run a task and return its result; raise :class:`TaskFailed` (or a subclass) if it
         failed, :class:`TaskTimeout` if no answer came in time. Options as for :meth:`submit`."""
-        handle = await self.submit(capability, payload, **options)
-        return await handle.result()
+        started = time.monotonic()
+        outcome = "succeeded"
+        try:
+            handle = await self.submit(capability, payload, **options)
+            return await handle.result()
+        except TaskFailed as exc:
+            outcome = exc.error_type
+            raise
+        except TaskTimeout:
+            outcome = "timeout"
+            raise
+        except AmqpschedError:
+            outcome = "error"
+            raise
+        finally:
+            if self._metrics is not None:
+                self._metrics.calls.labels(capability, outcome).observe(time.monotonic() - started)
 
     async def cancel(self, task_id: str, *, timeout: float = 10.0) -> StatusReply:
         """Cancel a queued or running task. Its answer becomes ``failed``/``cancelled`` unless it

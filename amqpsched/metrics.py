@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from . import __version__
+from ._version import __version__
 
 #: Seconds, from a millisecond round trip to an hour-long task.
 LATENCY_BUCKETS = (
@@ -117,12 +117,6 @@ class SchedulerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self.in_flight = Gauge(
-            "amqpsched_tasks_in_flight",
-            "Accepted tasks not answered yet",
-            ["capability"],
-            registry=registry,
-        )
         self.reconnects = Counter(
             "amqpsched_broker_reconnects_total",
             "Times the connection to the broker was re-established",
@@ -131,11 +125,16 @@ class SchedulerMetrics:
 
 
 class RegistryCollector(Collector):
-    """Live workers, their slots and heartbeat ages, read from the registry at scrape time."""
+    """Live workers, their slots and heartbeat ages, and open tasks, read at scrape time."""
 
-    def __init__(self, snapshot: Callable[[], Iterable[tuple[str, list[str], int, int, float]]]):
+    def __init__(
+        self,
+        snapshot: Callable[[], Iterable[tuple[str, list[str], int, int, float]]],
+        open_tasks: Callable[[], dict[str, int]],
+    ) -> None:
         # snapshot yields (worker_id, capabilities, concurrency, in_flight, seconds since seen)
         self._snapshot = snapshot
+        self._open_tasks = open_tasks
 
     def collect(self) -> Iterable[Metric]:
         live = GaugeMetricFamily(
@@ -169,7 +168,14 @@ class RegistryCollector(Collector):
             live.add_metric([cap], workers)
             used.add_metric([cap], busy)
             available.add_metric([cap], free)
-        return [live, used, available, age]
+        open_tasks = GaugeMetricFamily(
+            "amqpsched_tasks_in_flight",
+            "Accepted tasks not answered yet",
+            labels=["capability"],
+        )
+        for cap, count in sorted(self._open_tasks().items()):
+            open_tasks.add_metric([cap], count)
+        return [live, used, available, age, open_tasks]
 
 
 class WorkerMetrics:

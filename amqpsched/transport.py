@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -92,6 +92,11 @@ async def confirm_channel(
     except BROKER_ERRORS as exc:
         raise BrokerError(f"cannot open a channel: {exc}") from exc
     return channel
+
+
+def on_reconnect(conn: AbstractRobustConnection, callback: Callable[[], None]) -> None:
+    """Call ``callback`` each time ``conn`` has re-established itself."""
+    conn.reconnect_callbacks.add(lambda _sender: callback())
 
 
 def message(

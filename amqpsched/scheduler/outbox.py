@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from aio_pika.abc import AbstractChannel
+from prometheus_client import Counter
 
 from .. import transport
 from ..errors import BrokerError
@@ -47,8 +48,11 @@ def failure(record: TaskRecord, error: ErrorType, message: str, now: float, **ex
 
 
 class Outbox:
-    def __init__(self, channel: AbstractChannel, topology: Topology) -> None:
+    def __init__(
+        self, channel: AbstractChannel, topology: Topology, dead_lettered: Counter
+    ) -> None:
         self.channel = channel
+        self._dead_lettered = dead_lettered
         self.topology = topology
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -124,6 +128,7 @@ class Outbox:
             ),
             "",
         )
+        self._dead_lettered.labels(reason).inc()
 
     async def reject(
         self,

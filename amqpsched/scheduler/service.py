@@ -9,10 +9,12 @@ import time
 import uuid
 
 from aio_pika.abc import AbstractRobustConnection
+from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
 from .. import transport
 from ..errors import AmqpschedError, BrokerError, DecodeError
+from ..metrics import RegistryCollector, SchedulerMetrics
 from ..protocol import (
     REQUEST_MODELS,
     Answer,
@@ -50,8 +52,14 @@ KIND_NAMES = frozenset(k.value for k in Kind)
 class Scheduler:
     """Use as ``async with Scheduler(settings) as s: await s.wait_stopped()``."""
 
-    def __init__(self, settings: Settings, scheduler_id: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        scheduler_id: str | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
         self.settings = settings
+        self.metrics = SchedulerMetrics(registry or CollectorRegistry())
         self.scheduler_id = scheduler_id or uuid.uuid4().hex[:12]
         self.topology = Topology(settings.namespace, delivery_limit=settings.delivery_limit)
         self.registry = WorkerRegistry(settings.heartbeat_interval, settings.heartbeat_miss_limit)
@@ -68,6 +76,9 @@ class Scheduler:
         self._cancels: dict[str, float] = {}
         self.consuming = False
         self.fenced = 0
+        self.metrics.registry.register(
+            RegistryCollector(self._worker_snapshot, self.store.open_counts)
+        )
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def __aenter__(self) -> Scheduler:
@@ -92,7 +103,8 @@ class Scheduler:
             topo = self.topology
             await topo.declare_core(channel)
             await topo.declare_journal(channel, self.settings.journal_retention)
-            self._outbox = Outbox(channel, topo)
+            self._outbox = Outbox(channel, topo, self.metrics.dead_lettered)
+            transport.on_reconnect(self._conn, self.metrics.reconnects.inc)
             self._journal = Journal(channel, topo)
             recovered = await replay(self._conn, topo, self._apply)
             if recovered:
@@ -128,6 +140,13 @@ class Scheduler:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+    def _worker_snapshot(self) -> list[tuple[str, list[str], int, int, float]]:
+        now = time.time()
+        return [
+            (w.worker_id, list(w.capabilities), w.concurrency, w.in_flight, now - w.last_seen)
+            for w in self.registry.live()
+        ]
 
     @property
     def journal(self) -> Journal:
@@ -235,6 +254,7 @@ class Scheduler:
     ) -> None:
         await self.outbox.reject(msg, reason, detail, request)
         await transport.settle(msg)
+        self.metrics.rejected.labels(reason).inc()
         log.warning("rejected message %s: %s: %s", msg.message_id, reason, detail)
 
     async def _submit(
@@ -299,6 +319,8 @@ class Scheduler:
             raise
         if record.state == TaskState.QUEUED:
             record.state = TaskState.DISPATCHED
+        self.metrics.submitted.labels(task.capability).inc()
+        self.metrics.dispatched.labels(task.capability).inc()
         await transport.settle(msg)
         log.debug("task %s (%s) dispatched", task.task_id, req.capability)
 
@@ -364,6 +386,10 @@ class Scheduler:
         record = self.store.get(ev.task_id)
         if record is None or record.final or is_fenced(record, ev.attempt):
             return
+        if record.attempts == 0:
+            self.metrics.queue_wait.labels(record.capability).observe(
+                max(ev.started_at - record.submitted_at, 0.0)
+            )
         record.state = TaskState.RUNNING
         record.attempts = max(record.attempts, ev.attempt)
         record.attempt = ev.attempt
@@ -373,6 +399,7 @@ class Scheduler:
         record = self.store.get(ev.task_id)
         if record is None or record.final or is_fenced(record, ev.attempt):
             return
+        self.metrics.retries.labels(record.capability).inc()
         record.state = TaskState.RETRYING
         record.attempts = ev.attempt
         record.attempt = ev.attempt + 1
@@ -392,6 +419,7 @@ class Scheduler:
         if record is not None and (record.final or is_fenced(record, ev.attempt)):
             if is_fenced(record, ev.attempt):
                 self.fenced += 1
+                self.metrics.fenced.labels(record.capability).inc()
                 log.info("outcome of superseded attempt %d of %s fenced", ev.attempt, ev.task_id)
             await transport.settle(msg)
             return
@@ -417,6 +445,10 @@ class Scheduler:
             )
         await self._finish(record, answer, time.time())
         await transport.settle(msg)
+        if ev.started_at is not None:
+            self.metrics.execution.labels(ev.capability).observe(
+                max(ev.finished_at - ev.started_at, 0.0)
+            )
         log.info(
             "task %s %s (%s) attempt %d on %s",
             ev.task_id,
@@ -469,6 +501,12 @@ class Scheduler:
         except AmqpschedError:
             self.store.reopen(record, state, watchers)  # the redelivery will answer it
             raise
+        outcome = answer.error.type.value if answer.error else answer.status.value
+        self.metrics.finished.labels(record.capability, outcome).inc()
+        if record.submitted_at:
+            self.metrics.end_to_end.labels(record.capability).observe(
+                max(now - record.submitted_at, 0.0)
+            )
 
     async def _on_announcement(self, msg: IncomingMessage) -> None:
         try:
@@ -541,6 +579,8 @@ class Scheduler:
         record.task = record.task.model_copy(update={"attempt": record.attempt})
         try:
             await self.outbox.dispatch(record.task)
+            self.metrics.dispatched.labels(record.capability).inc()
+            self.metrics.redispatched.labels(record.capability).inc()
         except AmqpschedError:
             record.state = TaskState.RUNNING  # try again on the next sweep
             record.worker_id = worker_id

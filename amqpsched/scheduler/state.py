@@ -84,6 +84,7 @@ class MemoryTaskStore:
         self._finished: OrderedDict[str, float] = OrderedDict()
         self._deadlines: list[tuple[float, str]] = []
         self._keys: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._open: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._records)
@@ -92,7 +93,11 @@ class MemoryTaskStore:
         return self._records.get(task_id)
 
     def add(self, record: TaskRecord) -> None:
+        if record.task_id in self._records:
+            self._forget(record.task_id)
         self._records[record.task_id] = record
+        if not record.final:
+            self._open[record.capability] = self._open.get(record.capability, 0) + 1
         heapq.heappush(self._deadlines, (record.deadline, record.task_id))
         if record.idempotency_key is not None:
             self._keys[record.idempotency_key] = (record.task_id, record.submitted_at)
@@ -102,6 +107,8 @@ class MemoryTaskStore:
             self._forget(victim)
 
     def finish(self, record: TaskRecord, answer: Answer, now: float) -> None:
+        if not record.final and record.task_id in self._records:
+            self._close(record.capability)
         record.answer = answer
         record.state = final_state(answer)
         record.finished_at = now
@@ -128,6 +135,19 @@ class MemoryTaskStore:
         record.state = state
         record.watchers = watchers
         self._finished.pop(record.task_id, None)
+        if record.task_id in self._records:
+            self._open[record.capability] = self._open.get(record.capability, 0) + 1
+
+    def open_counts(self) -> dict[str, int]:
+        """Unanswered tasks per capability."""
+        return dict(self._open)
+
+    def _close(self, capability: str) -> None:
+        left = self._open.get(capability, 0) - 1
+        if left > 0:
+            self._open[capability] = left
+        else:
+            self._open.pop(capability, None)
 
     def remind(self, record: TaskRecord, at: float) -> None:
         """Return ``record`` from :meth:`due` again at ``at`` (an answer that could not be sent)."""
@@ -165,5 +185,7 @@ class MemoryTaskStore:
         return removed
 
     def _forget(self, task_id: str) -> None:
-        self._records.pop(task_id, None)
+        record = self._records.pop(task_id, None)
+        if record is not None and not record.final:
+            self._close(record.capability)
         self._finished.pop(task_id, None)

@@ -16,9 +16,11 @@ from random import random
 from typing import Any, cast
 
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, AbstractRobustConnection
+from prometheus_client import CollectorRegistry
 
 from .. import transport
 from ..errors import AmqpschedError, BrokerError, ConfigurationError, DecodeError
+from ..metrics import WorkerMetrics
 from ..protocol import (
     CancelNotice,
     ErrorInfo,
@@ -54,8 +56,10 @@ class Worker:
         *,
         concurrency: int | None = None,
         worker_id: str | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = WorkerMetrics(registry or CollectorRegistry())
         self.topology = Topology(settings.namespace, delivery_limit=settings.delivery_limit)
         names = list(dict.fromkeys(capabilities)) or list(app.handlers)
         missing = [n for n in names if n not in app.handlers]
@@ -68,6 +72,8 @@ class Worker:
         self.concurrency = concurrency or settings.concurrency
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._slots = asyncio.Semaphore(self.concurrency)
+        self.metrics.slots_total.set(self.concurrency)
+        self.metrics.slots_used.set_function(lambda: self._in_flight)
         self._running: set[asyncio.Task[Any]] = set()
         self._in_flight = 0
         self._stopping = asyncio.Event()
@@ -99,6 +105,7 @@ class Worker:
             channel = await transport.confirm_channel(self._conn, prefetch=self.concurrency)
             self._channel = channel
             await self.topology.declare_core(channel)
+            transport.on_reconnect(self._conn, self.metrics.reconnects.inc)
             self._default = channel.default_exchange
             self._registry = await channel.get_exchange(self.topology.registry_exchange)
             control = await self.topology.declare_control_queue(channel, self.worker_id)
@@ -289,6 +296,7 @@ class Worker:
         result: Any = None
         error: ErrorInfo | None = None
         limit = task.time_limit or handler.time_limit
+        clock = time.monotonic()
         try:
             payload = handler.parse(task.payload)
             result = to_json(await self._run(task.task_id, handler, payload, limit, hold))
@@ -305,6 +313,7 @@ class Worker:
         except Exception as exc:
             error = _error(ErrorType.HANDLER_ERROR, str(exc) or repr(exc), exc)
         self.executed += 1
+        self.metrics.execution.labels(task.capability).observe(time.monotonic() - clock)
         if error is None:
             await self._report(msg, task, started_at, None, result)
             return
@@ -378,6 +387,7 @@ class Worker:
             ),
         )
         await transport.settle(msg)
+        self.metrics.tasks.labels(task.capability, "retrying").inc()
         log.info(
             "task %s attempt %d failed (%s): retry in %.1fs",
             task.task_id,
@@ -411,6 +421,9 @@ class Worker:
         # The outcome is confirmed by the broker before the task is acked: never lost.
         await self._publish_event(Kind.OUTCOME, outcome)
         await transport.settle(msg)
+        self.metrics.tasks.labels(
+            task.capability, error.type.value if error else Status.SUCCEEDED.value
+        ).inc()
         if error is not None:
             log.info("task %s failed: %s: %s", task.task_id, error.type.value, error.message)
 
@@ -451,6 +464,7 @@ class Worker:
         )
         if settle:
             await transport.settle(msg)
+        self.metrics.dead_lettered.labels(reason).inc()
         log.warning("dead-lettered message %s: %s: %s", msg.message_id, reason, detail)
 
 

@@ -20,7 +20,8 @@ async def main() -> None:
     setup_logging(settings)
     # serve() starts the scheduler, serves /metrics if AMQPSCHED_METRICS_PORT is set, and stops
     # it on SIGTERM or SIGINT.
-    await serve(Scheduler(settings), settings, CollectorRegistry())
+    registry = CollectorRegistry()
+    await serve(Scheduler(settings, registry=registry), settings, registry)
 
 
 if __name__ == "__main__":

@@ -72,8 +72,9 @@ async def main() -> None:
     everything = WorkerApp()
     everything.include(builtin_app)
     everything.include(app)
-    worker = Worker(everything, ["echo", *app.handlers], settings)
-    await serve(worker, settings, CollectorRegistry())
+    registry = CollectorRegistry()
+    worker = Worker(everything, ["echo", *app.handlers], settings, registry=registry)
+    await serve(worker, settings, registry)
 
 
 if __name__ == "__main__":
