@@ -94,6 +94,14 @@ async def confirm_channel(
     return channel
 
 
+def is_connected(conn: AbstractRobustConnection) -> bool:
+    """True while the connection is up (False during a reconnect)."""
+    connected = getattr(conn, "connected", None)
+    if isinstance(connected, asyncio.Event):
+        return connected.is_set() and not conn.is_closed
+    return not conn.is_closed
+
+
 def on_reconnect(conn: AbstractRobustConnection, callback: Callable[[], None]) -> None:
     """Call ``callback`` each time ``conn`` has re-established itself."""
     conn.reconnect_callbacks.add(lambda _sender: callback())

@@ -58,3 +58,30 @@ async def test_worker_cli_rejects_unknown_capability(system: System, spawn: Any)
     code = await asyncio.to_thread(proc.popen.wait, 20)
     assert code == 1
     assert "no handler for nope" in proc.output()
+
+
+async def test_worker_sigterm_hands_back_prefetched_tasks_at_once(
+    system: System, spawn: Any
+) -> None:
+    await system.scheduler()
+    # One slot, two capabilities: a running `sleep` and a prefetched `echo` waiting for the slot.
+    draining = spawn(
+        ["-m", "amqpsched.worker", "-c", "sleep", "-c", "echo", "--concurrency", "1"],
+        system.env(),
+        "draining",
+    )
+    await draining.wait_for_output("consuming")
+    client = await system.client()
+    long = await client.submit("sleep", {"seconds": 3}, timeout=30)
+    async with asyncio.timeout(10):
+        while (await long.status()).state != TaskState.RUNNING:
+            await asyncio.sleep(0.02)
+    waiting = await client.submit("echo", "handed back", timeout=30)
+    draining.popen.send_signal(signal.SIGTERM)
+    other = await system.worker("echo")
+    answer = await waiting.answer(timeout=10)
+    # Answered by the other worker while the first still finishes its running task.
+    assert answer.worker_id == other.worker_id
+    assert (await long.status()).state == TaskState.RUNNING
+    assert await long.result() == {"slept": 3}
+    assert await asyncio.to_thread(draining.popen.wait, 20) == 0, draining.output()

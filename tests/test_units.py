@@ -13,14 +13,17 @@ from amqpsched.protocol import (
     Answer,
     ErrorType,
     Kind,
+    RetryOverride,
+    RetryPolicy,
     Status,
     SubmitRequest,
     TaskState,
     WorkerAnnouncement,
     decode,
 )
+from amqpsched.retry import DELAY_STEPS_MS, backoff_delay, delay_step, retry_delay
 from amqpsched.scheduler.registry import WorkerRegistry
-from amqpsched.scheduler.state import MemoryTaskStore, TaskRecord, timeout_error
+from amqpsched.scheduler.state import MemoryTaskStore, TaskRecord, is_fenced, timeout_error
 from amqpsched.schemas import check_or_write, rendered
 from amqpsched.settings import Settings, env_example, mask_url
 from amqpsched.worker.app import InvalidPayload, InvalidResult, WorkerApp, to_json
@@ -273,3 +276,74 @@ def test_results_must_be_json() -> None:
         to_json(object())
     with pytest.raises(InvalidResult):
         to_json({1, 2})
+
+
+# -- retry timing and fencing ---------------------------------------------------------------------
+
+
+def test_backoff_grows_exponentially_up_to_the_cap_with_jitter_below() -> None:
+    policy = RetryPolicy(max_attempts=10, backoff=1.0, multiplier=2.0, backoff_max=5.0, jitter=0.5)
+    assert [backoff_delay(policy, n, rand=0.0) for n in (1, 2, 3, 4)] == [1.0, 2.0, 4.0, 5.0]
+    assert backoff_delay(policy, 2, rand=0.999) == pytest.approx(1.001, abs=1e-3)
+    no_jitter = RetryPolicy(backoff=1.0, jitter=0.0)
+    assert backoff_delay(no_jitter, 1, rand=0.9) == 1.0
+
+
+def test_delay_is_rounded_down_to_a_broker_held_step() -> None:
+    assert delay_step(0.0) == DELAY_STEPS_MS[0]
+    assert delay_step(0.3) == 250
+    assert delay_step(1.0) == 1000
+    assert delay_step(4.99) == 2000
+    assert delay_step(10**6) == DELAY_STEPS_MS[-1]
+
+
+def test_retry_delay_respects_type_attempts_and_deadline() -> None:
+    policy = RetryPolicy(max_attempts=3, backoff=1.0, jitter=0.0)
+    handler = ErrorType.HANDLER_ERROR
+    assert retry_delay(policy, 1, handler, now=0.0, deadline=100.0, rand=0.0) == 1000
+    assert retry_delay(policy, 2, handler, now=0.0, deadline=100.0, rand=0.0) == 2000
+    assert retry_delay(policy, 3, handler, now=0.0, deadline=100.0, rand=0.0) is None
+    assert retry_delay(policy, 1, ErrorType.INVALID_PAYLOAD, 0.0, 100.0, 0.0) is None
+    # No retry that would start after the task's deadline.
+    assert retry_delay(policy, 1, handler, now=99.5, deadline=100.0, rand=0.0) is None
+
+
+def test_retry_override_changes_only_the_fields_it_sets() -> None:
+    base = RetryPolicy(max_attempts=5, backoff=2.0)
+    merged = RetryOverride(max_attempts=2).apply(base)
+    assert merged.max_attempts == 2
+    assert merged.backoff == 2.0
+    assert RetryOverride().apply(base) is base
+
+
+def test_results_of_superseded_attempts_are_fenced() -> None:
+    record = _record("t", 10.0)
+    assert not is_fenced(None, 1)
+    assert not is_fenced(record, 1)
+    record.attempt = 2
+    assert is_fenced(record, 1)
+    assert not is_fenced(record, 2)
+    assert not is_fenced(record, 3)
+
+
+def test_running_on_finds_the_tasks_of_a_dead_worker() -> None:
+    store = MemoryTaskStore(retention=10, max_size=10)
+    a, b = _record("a", 10.0), _record("b", 10.0)
+    for r in (a, b):
+        r.state = TaskState.RUNNING
+        store.add(r)
+    a.worker_id, b.worker_id = "w1", "w2"
+    assert store.running_on("w1") == [a]
+    assert store.open_counts() == {"echo": 2}
+    store.finish(a, _answer("a"), now=1.0)
+    assert store.running_on("w1") == []
+    assert store.open_counts() == {"echo": 1}
+
+
+def test_idempotency_keys_expire_with_their_window() -> None:
+    store = MemoryTaskStore(retention=100, max_size=10, idempotency_window=5)
+    rec = _record("a", 10.0)
+    rec.idempotency_key = "k"
+    store.add(rec)
+    assert store.by_key("k", now=4.0) is rec
+    assert store.by_key("k", now=6.0) is None

@@ -189,7 +189,7 @@ class Scheduler:
 
     @property
     def ready(self) -> bool:
-        return self.consuming and self._conn is not None and not self._conn.is_closed
+        return self.consuming and self._conn is not None and transport.is_connected(self._conn)
 
     async def _requeue_later(self, msg: IncomingMessage, exc: Exception) -> None:
         log.warning("message %s not handled, will be redelivered: %s", msg.message_id, exc)

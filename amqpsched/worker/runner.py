@@ -171,7 +171,7 @@ class Worker:
 
     @property
     def ready(self) -> bool:
-        return self.consuming and self._conn is not None and not self._conn.is_closed
+        return self.consuming and self._conn is not None and transport.is_connected(self._conn)
 
     # -- registration --------------------------------------------------------------------------
     def announcement(self) -> WorkerAnnouncement:
