@@ -37,6 +37,16 @@ class Settings(BaseSettings):
         default=SecretStr(DEFAULT_AMQP_URL),
         description="Broker URL (amqp:// or amqps://). The password never appears in logs.",
     )
+    tls_ca_file: str | None = Field(
+        default=None,
+        description="CA bundle to verify the broker's certificate (amqps://; unset: system CAs).",
+    )
+    tls_cert_file: str | None = Field(
+        default=None, description="Client certificate for amqps:// (mutual TLS), PEM."
+    )
+    tls_key_file: str | None = Field(
+        default=None, description="Private key of the client certificate, PEM."
+    )
     namespace: str = Field(
         default="",
         pattern=r"^[A-Za-z0-9_-]{0,64}$",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -21,7 +22,7 @@ from aio_pika.abc import (
     DeliveryMode,
 )
 
-from .errors import BrokerError
+from .errors import BrokerError, ConfigurationError
 from .protocol import CONTENT_TYPE, Kind
 from .settings import Settings
 
@@ -60,12 +61,28 @@ SETTLE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The TLS context for an ``amqps://`` URL: verifies the broker (settings' CA or the system's)
+    and presents a client certificate when one is set."""
+    if not settings.amqp_url.get_secret_value().startswith("amqps://"):
+        return None
+    context = ssl.create_default_context(cafile=settings.tls_ca_file)
+    if settings.tls_cert_file:
+        context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+    return context
+
+
 async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
     """A robust connection: it reconnects by itself and restores channels, queues and consumers."""
+    try:
+        context = ssl_context(settings)
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(f"cannot set up TLS: {exc}") from exc
     try:
         return await aio_pika.connect_robust(
             settings.amqp_url.get_secret_value(),
             client_properties={"connection_name": name},
+            ssl_context=context,
         )
     except BROKER_ERRORS as exc:
         raise BrokerError(
