@@ -92,7 +92,10 @@ class _Model(BaseModel):
     """Requests: unknown fields are an error, so typos are caught."""
 
     model_config = ConfigDict(
-        extra="forbid", frozen=True, json_schema_serialization_defaults_required=True
+        extra="forbid",
+        frozen=True,
+        allow_inf_nan=False,
+        json_schema_serialization_defaults_required=True,
     )
 
 

@@ -16,7 +16,8 @@ AT_LEAST_ONCE: dict[str, Any] = {
     "x-dead-letter-strategy": "at-least-once",
     "x-overflow": "reject-publish",
 }
-DELAY_HEADER = "x-amqpsched-delay"
+#: Not ``x-``-prefixed: a headers exchange ignores such headers when matching.
+DELAY_HEADER = "amqpsched-delay"
 
 
 @dataclass(frozen=True)

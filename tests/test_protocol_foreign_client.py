@@ -1,9 +1,10 @@
-"""A client in "another library": pika, written only from docs/protocol.md.
+"""A client and a worker in "another library": pika, written only from docs/protocol.md.
 
 Nothing here uses amqpsched's client SDK, its models or its topology helper to build messages: queue
-names come from the namespace rule of the document, bodies are hand-written JSON, and replies are
-matched the way the document tells a client to (correlation id, then ``"final": true``). The
-in-process scheduler and workers of the ``system`` fixture are the other end.
+names come from the namespace rule of the document, queue arguments from its tables, bodies are
+hand-written JSON, and replies are matched the way the document tells a client to (correlation id,
+then ``"final": true``). The in-process scheduler and workers of the ``system`` fixture are the
+other end; :class:`ForeignWorker` stands in for a worker written in another language.
 
 pika is blocking, so every scenario is a plain function run in a thread (``asyncio.to_thread``)
 while the scheduler and workers keep running on the test's event loop. Every wait has a deadline.
@@ -15,6 +16,7 @@ import asyncio
 import base64
 import io
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -28,6 +30,18 @@ from .conftest import System
 
 CONTENT_TYPE = "application/json"
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+#: The error types of the document's table (section 5.3).
+ERROR_TYPES = (
+    "invalid_request",
+    "no_worker",
+    "expired",
+    "invalid_payload",
+    "handler_error",
+    "time_limit",
+    "worker_lost",
+    "cancelled",
+    "internal_error",
+)
 
 
 def name(namespace: str, base: str) -> str:
@@ -73,6 +87,8 @@ class ForeignClient:
             self.reply_to = str(declared.method.queue)
         # Consume before publishing (required for direct reply-to; harmless otherwise).
         self._inbox: list[tuple[str | None, str | None, bytes]] = []
+        self._pending: set[str] = set()  # correlation ids of requests in flight
+        self._ready: dict[str, Reply] = {}  # their first final replies, not yet taken
         self.channel.basic_consume(self.reply_to, self._on_message, auto_ack=True)
 
     def _on_message(self, _channel: Any, _method: Any, properties: Any, body: bytes) -> None:
@@ -106,34 +122,43 @@ class ForeignClient:
             delivery_mode=2,
         )
         self.channel.basic_publish("", self.submit_queue, raw, properties, mandatory=True)
+        if correlation_id is not None:
+            self._pending.add(correlation_id)
 
     def wait(self, correlation_id: str, timeout: float) -> Reply:
-        """The first final message for ``correlation_id``; everything else is set aside."""
+        """The first final message for ``correlation_id``; replies to other requests in flight are
+        kept for their own ``wait``, everything else is set aside."""
         deadline = time.monotonic() + timeout
         while True:
-            while self._inbox:
-                kind, corr, raw = self._inbox.pop(0)
-                reply = self._accept(kind, corr, raw, correlation_id)
-                if reply is not None:
-                    return reply
+            reply = self.poll(correlation_id)
+            if reply is not None:
+                return reply
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise AssertionError(f"no final reply for {correlation_id!r} in {timeout}s")
             self.connection.process_data_events(time_limit=min(0.2, remaining))
 
-    def _accept(self, kind: str | None, corr: str | None, raw: bytes, wanted: str) -> Reply | None:
-        if corr != wanted:
-            self.ignored.append((corr, raw))  # someone else's, or stale
-            return None
+    def poll(self, correlation_id: str) -> Reply | None:
+        """The first final message for ``correlation_id`` received so far, without waiting."""
+        self.connection.process_data_events(time_limit=0)
+        while self._inbox:
+            self._accept(*self._inbox.pop(0))
+        return self._ready.pop(correlation_id, None)
+
+    def _accept(self, kind: str | None, corr: str | None, raw: bytes) -> None:
+        if corr is None or corr not in self._pending:
+            self.ignored.append((corr, raw))  # someone else's, or a later final: stale
+            return
         try:
             body = json.loads(raw)
         except ValueError:
             self.ignored.append((corr, raw))
-            return None
+            return
         if not isinstance(body, dict) or body.get("final") is not True:
             self.ignored.append((corr, raw))  # a non-final message: ignore it
-            return None
-        return Reply(kind, corr, body)
+            return
+        self._pending.discard(corr)
+        self._ready[corr] = Reply(kind, corr, body)
 
     def request(
         self, body: dict[str, Any] | bytes, *, kind: str | None, timeout: float = 30.0
@@ -172,14 +197,7 @@ def assert_answer_shape(body: dict[str, Any]) -> None:
     else:
         error = body["error"]
         assert set(error) == {"type", "message", "exception", "traceback"}
-        assert error["type"] in (
-            "invalid_request",
-            "no_worker",
-            "expired",
-            "invalid_payload",
-            "handler_error",
-            "internal_error",
-        )
+        assert error["type"] in ERROR_TYPES
         assert isinstance(error["message"], str)
 
 
@@ -364,8 +382,30 @@ async def test_status_result_and_capabilities_queries(system: System) -> None:
             "foreign-v2",
         ),
         ("malformed_json", b'{"v": 1, "capability": "echo", "payload": ', None),
+        # Strict decoding (section 4.2): exact JSON types, no NaN, closed objects.
+        (
+            "invalid_fields",
+            b'{"v": 1, "capability": "echo", "payload": 1, "task_id": "foreign-str",'
+            b' "timeout": "5"}',
+            "foreign-str",
+        ),
+        ("unknown_version", b'{"v": true, "capability": "echo", "payload": 1}', None),
+        ("malformed_json", b'{"v": 1, "capability": "echo", "payload": NaN}', None),
+        (
+            "invalid_fields",
+            b'{"v": 1, "capability": "echo", "payload": 1, "task_id": "foreign-retry",'
+            b' "retry": {"max_attempts": 2, "tries": 3}}',
+            "foreign-retry",
+        ),
     ],
-    ids=["unknown_version", "malformed_json"],
+    ids=[
+        "unknown_version",
+        "malformed_json",
+        "string_for_number",
+        "boolean_version",
+        "nan",
+        "unknown_retry_field",
+    ],
 )
 async def test_bad_request_is_answered_invalid_request_and_dead_lettered(
     system: System, reason: str, raw: bytes, task_id: str | None
@@ -407,6 +447,7 @@ async def test_bad_request_is_answered_invalid_request_and_dead_lettered(
     assert headers["x-amqpsched-original-type"] == "submit"
     assert headers["x-amqpsched-original-reply-to"] == reply_to
     assert isinstance(headers["x-amqpsched-error"], str)
+    assert re.fullmatch(r"[0-9a-f]{32}", headers["x-amqpsched-dead-id"])
     if task_id is not None:
         assert headers["x-amqpsched-task-id"] == task_id
         assert headers["x-amqpsched-capability"] == "echo"
@@ -443,3 +484,333 @@ async def test_non_final_and_foreign_messages_on_the_reply_queue_are_ignored(
     assert reply.body["status"] == "succeeded"
     assert reply.body["result"] == "real"
     assert len(ignored) == 4
+
+
+# -- new in v1: time limits, retries, idempotency keys, cancel ---------------------------------
+
+
+def dead_letter_for(
+    client: ForeignClient, dead_queue: str, task_id: str, timeout: float = 10.0
+) -> tuple[Any, bytes]:
+    """The dead letter whose ``x-amqpsched-task-id`` is ``task_id`` (others are dropped)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        method, properties, body = client.channel.basic_get(dead_queue, auto_ack=True)
+        if method is None:
+            time.sleep(0.05)
+            continue
+        if (properties.headers or {}).get("x-amqpsched-task-id") == task_id:
+            return properties, body
+    raise AssertionError(f"no dead letter for {task_id} in {dead_queue}")
+
+
+async def test_time_limit_and_retry_override_then_retries_exhausted(system: System) -> None:
+    """Section 5.2 fields, 7.2-7.4 and 6.4: two attempts, each stopped by its time limit, 100 ms
+    apart; the answer carries the last error and attempt; the task is kept in the DLQ."""
+    await system.scheduler()
+    await system.worker("sleep", "echo")
+    task_id = f"foreign-{uuid.uuid4().hex}"
+    dead_queue = name(system.namespace, "amqpsched.dead")
+
+    def scenario() -> tuple[Reply, Reply, Any, bytes, str]:
+        with ForeignClient(url_of(system), system.namespace) as client:
+            body = {
+                "v": 1,
+                "capability": "sleep",
+                "payload": {"seconds": 10},
+                "task_id": task_id,
+                "timeout": 30,
+                "time_limit": 0.2,
+                "retry": {"max_attempts": 2, "backoff": 0.1, "jitter": 0},
+            }
+            answer = client.request(body, kind="submit", timeout=20)
+            status = client.request({"v": 1, "task_id": task_id}, kind="status")
+            properties, raw = dead_letter_for(client, dead_queue, task_id)
+            return answer, status, properties, raw, client.reply_to
+
+    answer, status, properties, raw, reply_to = await asyncio.to_thread(scenario)
+    assert_answer_shape(answer.body)
+    assert answer.body["status"] == "failed"
+    assert answer.body["error"]["type"] == "time_limit"
+    assert answer.body["attempts"] == 2
+    assert answer.body["worker_id"]
+
+    assert status.kind == "status_reply"
+    assert status.body["state"] == "failed"
+    assert status.body["attempts"] == 2
+
+    headers = properties.headers
+    assert properties.type == "task"
+    assert headers["x-amqpsched-reason"] == "retries_exhausted"
+    assert headers["x-amqpsched-source"] == "worker"
+    assert headers["x-amqpsched-original-type"] == "task"
+    assert headers["x-amqpsched-capability"] == "sleep"
+    assert headers["x-amqpsched-attempts"] == 2
+    assert headers["x-amqpsched-error"].startswith("time_limit: ")
+    assert headers["amqpsched-delay"] == "100"  # the next attempt went through the 100 ms queue
+    assert re.fullmatch(r"[0-9a-f]{32}", headers["x-amqpsched-dead-id"])
+    task = json.loads(raw)
+    assert task["attempt"] == 2
+    assert task["reply_to"] == reply_to
+    assert task["time_limit"] == 0.2
+    assert task["retry"]["max_attempts"] == 2
+    assert task["retry"]["retry_on"] is None  # sent as the client gave it, nulls included
+
+
+async def test_same_idempotency_key_answers_with_the_first_task(system: System) -> None:
+    await system.scheduler()
+    await system.worker("echo")
+    key = f"foreign-key-{uuid.uuid4().hex}"
+    first_id, second_id = f"foreign-{uuid.uuid4().hex}", f"foreign-{uuid.uuid4().hex}"
+
+    def scenario() -> tuple[Reply, Reply]:
+        with ForeignClient(url_of(system), system.namespace) as client:
+            base = {"v": 1, "capability": "echo", "idempotency_key": key}
+            first = client.request({**base, "payload": "first", "task_id": first_id}, kind=None)
+            second = client.request({**base, "payload": "second", "task_id": second_id}, kind=None)
+            return first, second
+
+    first, second = await asyncio.to_thread(scenario)
+    assert first.body["task_id"] == first_id
+    assert first.body["result"] == "first"
+    # The key matched: the first task's answer, under the first task's id.
+    assert second.body["task_id"] == first_id
+    assert second.body["result"] == "first"
+
+
+@dataclass
+class ForeignWorker:
+    """A worker as section 9 describes it: control queue, hello, wait for the welcome, consume
+    with ``x-consumer-timeout``, skip cancelled tasks, ``started`` then ``outcome``, then ack."""
+
+    url: str
+    namespace: str
+    capability: str
+    worker_id: str = field(default_factory=lambda: f"foreign-{uuid.uuid4().hex[:8]}")
+    notices: list[tuple[str | None, dict[str, Any]]] = field(default_factory=list)
+    handled: dict[str, str] = field(default_factory=dict)  # task id -> what was done
+
+    def __post_init__(self) -> None:
+        params = pika.URLParameters(self.url)
+        params.socket_timeout = 10
+        self.connection: Any = pika.BlockingConnection(params)
+        self.channel: Any = self.connection.channel()
+        self.channel.confirm_delivery()
+        self.channel.basic_qos(prefetch_count=1)
+        self._cancelled: dict[str, float] = {}
+        self._deliveries: list[tuple[Any, Any, bytes]] = []
+        ns = self.namespace
+        control_exchange = name(ns, "amqpsched.control")
+        control_queue = name(ns, f"amqpsched.control.{self.worker_id}")
+        self.channel.exchange_declare(control_exchange, "fanout", durable=True)
+        self.channel.queue_declare(control_queue, exclusive=True, auto_delete=True)
+        self.channel.queue_bind(control_queue, control_exchange, routing_key="")
+        self.channel.basic_consume(control_queue, self._on_control, auto_ack=True)
+        # Exactly the arguments of section 3.3; any difference is a 406 from the broker.
+        self.task_queue = name(ns, f"amqpsched.cap.{self.capability}")
+        self.channel.queue_declare(
+            self.task_queue,
+            durable=True,
+            arguments={
+                "x-queue-type": "quorum",
+                "x-delivery-limit": 10,
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": name(ns, "amqpsched.results"),
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
+            },
+        )
+        tasks_exchange = name(ns, "amqpsched.tasks")
+        self.channel.exchange_declare(tasks_exchange, "topic", durable=True)
+        self.channel.queue_bind(self.task_queue, tasks_exchange, routing_key=self.capability)
+
+    def close(self) -> None:
+        if self.connection.is_open:
+            self.connection.close()
+
+    def __enter__(self) -> ForeignWorker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _on_control(self, _channel: Any, _method: Any, properties: Any, body: bytes) -> None:
+        notice = json.loads(body)
+        self.notices.append((properties.type, notice))
+        for task_id in notice["task_ids"]:
+            self._cancelled[task_id] = notice["until"]
+
+    def _on_task(self, _channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        self._deliveries.append((method, properties, body))
+
+    def announce(self, kind: str) -> None:
+        body = {
+            "v": 1,
+            "worker_id": self.worker_id,
+            "hostname": "foreign-host",
+            "pid": 0,
+            "capabilities": [
+                {
+                    "name": self.capability,
+                    "description": "Upper-cases a string.",
+                    "payload_schema": {"type": "string"},
+                    "retry": {"max_attempts": 1},  # the other fields take their defaults
+                    "time_limit": None,
+                }
+            ],
+            "concurrency": 1,
+            "in_flight": 0,
+            "sent_at": time.time(),
+        }
+        properties = pika.BasicProperties(content_type=CONTENT_TYPE, type=kind, delivery_mode=1)
+        self.channel.basic_publish(
+            name(self.namespace, "amqpsched.workers"), "", json.dumps(body).encode(), properties
+        )
+
+    def wait_for_welcome(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.notices and time.monotonic() < deadline:
+            self.connection.process_data_events(time_limit=0.05)
+
+    def consume(self) -> None:
+        self.channel.basic_consume(
+            self.task_queue,
+            self._on_task,
+            auto_ack=False,
+            arguments={"x-consumer-timeout": 60_000},
+        )
+
+    def _event(self, kind: str, body: dict[str, Any]) -> None:
+        properties = pika.BasicProperties(
+            content_type=CONTENT_TYPE, type=kind, message_id=body["task_id"], delivery_mode=2
+        )
+        self.channel.basic_publish(
+            "",
+            name(self.namespace, "amqpsched.results"),
+            json.dumps(body).encode(),
+            properties,
+            mandatory=True,
+        )
+
+    def pump(self, seconds: float) -> None:
+        """Serve the connection for ``seconds``, handling every task delivered meanwhile."""
+        self.connection.process_data_events(time_limit=seconds)
+        while self._deliveries:
+            method, _properties, raw = self._deliveries.pop(0)
+            task = json.loads(raw)
+            now = time.time()
+            common = {
+                "v": 1,
+                "task_id": task["task_id"],
+                "capability": task["capability"],
+                "attempt": task["attempt"],
+                "worker_id": self.worker_id,
+                "reply_to": task["reply_to"],
+                "correlation_id": task["correlation_id"],
+                "submitted_at": task["submitted_at"],
+            }
+            if self._cancelled.get(task["task_id"], 0) > now:
+                error = {"type": "cancelled", "message": "cancelled", "exception": None}
+                outcome = {**common, "status": "failed", "error": error, "started_at": None}
+                self.handled[task["task_id"]] = "skipped: cancelled"
+            else:
+                started = {
+                    "v": 1,
+                    "task_id": task["task_id"],
+                    "attempt": task["attempt"],
+                    "worker_id": self.worker_id,
+                    "started_at": now,
+                }
+                self._event("started", started)
+                result = str(task["payload"]).upper()
+                outcome = {**common, "status": "succeeded", "result": result, "started_at": now}
+                self.handled[task["task_id"]] = "ran"
+            # ``error`` / ``result`` left out where they are null: the scheduler's defaults.
+            self._event("outcome", {**outcome, "finished_at": time.time()})
+            self.channel.basic_ack(method.delivery_tag)  # only after the confirmed outcome
+
+
+async def test_foreign_worker_waits_for_the_welcome_skips_a_cancelled_task_and_runs_one(
+    system: System,
+) -> None:
+    await system.scheduler()
+    capability = f"upper-{uuid.uuid4().hex[:8]}"
+    system.capabilities.add(capability)
+    cancelled_id, run_id = f"foreign-{uuid.uuid4().hex}", f"foreign-{uuid.uuid4().hex}"
+    url = url_of(system)
+
+    def scenario() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        with ForeignClient(url, system.namespace) as client:
+            out["cancel_unknown"] = client.request(
+                {"v": 1, "task_id": f"never-{uuid.uuid4().hex}"}, kind="cancel"
+            )
+            # No worker yet: the scheduler declares the capability queue and the task waits there.
+            body = {"v": 1, "capability": capability, "payload": "no", "task_id": cancelled_id}
+            client.send({**body, "timeout": 60}, kind="submit", correlation_id="k-cancelled")
+            deadline = time.monotonic() + 10
+            while True:  # a cancel could overtake the submission (section 13): wait for it
+                state = client.request({"v": 1, "task_id": cancelled_id}, kind="status")
+                if state.body["state"] != "unknown" or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            out["cancel"] = client.request({"v": 1, "task_id": cancelled_id}, kind="cancel")
+            out["cancelled_answer"] = client.wait("k-cancelled", 10)
+
+            with ForeignWorker(url, system.namespace, capability) as worker:
+                worker.announce("hello")
+                worker.wait_for_welcome(timeout=10)
+                worker.consume()
+                body = {"v": 1, "capability": capability, "payload": "shout", "task_id": run_id}
+                client.send({**body, "timeout": 30}, kind="submit", correlation_id="k-run")
+                deadline = time.monotonic() + 20
+                while (reply := client.poll("k-run")) is None:
+                    assert time.monotonic() < deadline, "no answer from the foreign worker"
+                    worker.pump(0.05)
+                out["run_answer"] = reply
+                out["catalog"] = client.request({"v": 1}, kind="capabilities")
+                worker.announce("goodbye")
+                out["notices"] = list(worker.notices)
+                out["handled"] = dict(worker.handled)
+                out["worker_id"] = worker.worker_id
+            out["cancelled_status"] = client.request(
+                {"v": 1, "task_id": cancelled_id}, kind="status"
+            )
+        return out
+
+    out = await asyncio.to_thread(scenario)
+    unknown = out["cancel_unknown"]
+    assert unknown.kind == "status_reply"
+    assert unknown.body["state"] == "unknown"
+
+    cancel = out["cancel"]
+    assert cancel.kind == "status_reply"
+    assert cancel.body["state"] == "failed"
+    assert cancel.body["answer"]["error"]["type"] == "cancelled"
+    answer = out["cancelled_answer"]
+    assert answer.kind == "answer"
+    assert_answer_shape(answer.body)
+    assert answer.body["error"]["type"] == "cancelled"
+    assert answer.body["attempts"] == 0
+    assert answer.body["worker_id"] is None
+
+    # The welcome named the cancelled task; the worker skipped it and ran the other one.
+    kind, welcome = out["notices"][0]
+    assert kind == "cancelled"
+    assert welcome["v"] == 1
+    assert cancelled_id in welcome["task_ids"]
+    assert welcome["until"] > time.time()
+    assert out["handled"] == {cancelled_id: "skipped: cancelled", run_id: "ran"}
+
+    run = out["run_answer"].body
+    assert_answer_shape(run)
+    assert run["status"] == "succeeded"
+    assert run["result"] == "SHOUT"
+    assert run["attempts"] == 1
+    assert run["worker_id"] == out["worker_id"]
+
+    entries = {c["name"]: c for c in out["catalog"].body["capabilities"]}
+    assert entries[capability]["payload_schema"] == {"type": "string"}
+    assert entries[capability]["workers"] == 1
+    # The skipped attempt's outcome came after the answer: dropped, the answer stands.
+    assert out["cancelled_status"].body["answer"]["error"]["type"] == "cancelled"

@@ -42,7 +42,8 @@ async def test_a_failing_task_is_retried_with_backoff_and_answer_counts_attempts
 ) -> None:
     await system.scheduler()
     flaky = Flaky(failures=2)
-    await system.worker("flaky", app=flaky.app(max_attempts=3, backoff=0.1, jitter=0))
+    app = flaky.app(max_attempts=3, backoff=0.1, multiplier=2.5, jitter=0)
+    await system.worker("flaky", app=app)
     client = await system.client()
     started = time.monotonic()
     handle = await client.submit("flaky", "a", timeout=30)
@@ -51,8 +52,11 @@ async def test_a_failing_task_is_retried_with_backoff_and_answer_counts_attempts
     assert answer.status == "succeeded"
     assert answer.result == {"calls": 3}
     assert answer.attempts == 3
-    # The broker held the retries: 100 ms, then 2 x 100 ms rounded down to the 100 ms step.
-    assert elapsed >= 0.2
+    # The broker held the retries: 100 ms, then 250 ms (two different delay queues).
+    assert elapsed >= 0.35
+    # Each attempt went through one delay queue only: no copy of an attempt runs later.
+    await asyncio.sleep(0.6)
+    assert flaky.calls["a"] == 3
 
 
 async def test_exhausted_retries_fail_with_last_error_and_are_dead_lettered(

@@ -158,7 +158,11 @@ class Scheduler:
         """One journal record, replayed at start."""
         kind = record["k"]
         if kind == "accepted":
-            if self.store.get(record["task_id"]) is None:
+            known = self.store.get(record["task_id"])
+            # A later acceptance of a finished id is a replay from the dead-letter queue.
+            if known is None or (
+                known.final and record["submitted_at"] >= (known.finished_at or 0.0)
+            ):
                 self.store.add(
                     TaskRecord(
                         task_id=record["task_id"],
@@ -354,9 +358,10 @@ class Scheduler:
             await self.journal.append(cancelled(task_id, record.deadline))
             # Workers first: a queued task must be skipped, a running one stopped.
             await self.outbox.cancel_notice([task_id], record.deadline)
-            answer = failure(record, ErrorType.CANCELLED, "the task was cancelled", now)
-            await self._finish(record, answer, now)
-            log.info("task %s cancelled", task_id)
+            if not record.final:  # its outcome may have come in meanwhile
+                answer = failure(record, ErrorType.CANCELLED, "the task was cancelled", now)
+                await self._finish(record, answer, now)
+                log.info("task %s cancelled", task_id)
         await self._status_reply(task_id, record, reply_to, corr)
 
     # -- worker events -------------------------------------------------------------------------
@@ -588,7 +593,14 @@ class Scheduler:
         log.warning("task %s dispatched again as attempt %d", record.task_id, record.attempt)
 
     async def _expire(self, record: TaskRecord, now: float) -> None:
-        error_type = timeout_error(self.registry.has_live(record.capability))
+        live = self.registry.has_live(record.capability)
+        if record.task is None and live and record.state == TaskState.DISPATCHED:
+            # Recovered from the journal: it may be running on a worker since before this
+            # scheduler started. A live worker answers it either way (its result, or expired
+            # when it takes it too late); look again later.
+            self.store.remind(record, now + self.registry.liveness_window)
+            return
+        error_type = timeout_error(live)
         message = (
             f"no live worker offers {record.capability!r}"
             if error_type == ErrorType.NO_WORKER

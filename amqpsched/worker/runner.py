@@ -323,7 +323,11 @@ class Worker:
         if error.type != ErrorType.CANCELLED:
             delay_ms = retry_delay(policy, task.attempt, error.type, now, task.deadline, random())
         if delay_ms is None:
-            if error.type in policy.retry_on and policy.max_attempts > 1:
+            if (
+                error.type in policy.retry_on
+                and policy.max_attempts > 1
+                and error.type != ErrorType.CANCELLED
+            ):
                 # Retries exhausted (or no time left for one): keep it for `amqpsched dlq`.
                 await self._dead_letter(
                     msg,
