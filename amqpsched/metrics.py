@@ -11,6 +11,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from ._version import __version__
+from .protocol import ErrorType
 
 #: Seconds, from a millisecond round trip to an hour-long task.
 LATENCY_BUCKETS = (
@@ -44,9 +45,27 @@ def build_info(registry: CollectorRegistry, component: str) -> None:
     )
 
 
+#: Outcomes of a finished task: succeeded or one of the protocol's error types.
+OUTCOMES = ("succeeded", *(e.value for e in ErrorType))
+#: Reasons a client request is rejected (see docs/protocol.md).
+REJECT_REASONS = (
+    "too_large",
+    "unknown_type",
+    "malformed_json",
+    "malformed_body",
+    "missing_version",
+    "unknown_version",
+    "invalid_fields",
+    "missing_reply_to",
+    "timeout_too_large",
+    "internal_error",
+)
+
+
 class SchedulerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._capabilities: set[str] = set()
         build_info(registry, "scheduler")
         self.submitted = Counter(
             "amqpsched_tasks_submitted_total",
@@ -122,6 +141,19 @@ class SchedulerMetrics:
             "Times the connection to the broker was re-established",
             registry=registry,
         )
+        # Series that exist from the start read 0, so rate() sees their first increment.
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
+
+    def saw_capability(self, capability: str) -> None:
+        """Create a capability's series at 0 the first time it is seen."""
+        if capability in self._capabilities:
+            return
+        self._capabilities.add(capability)
+        for outcome in OUTCOMES:
+            self.finished.labels(capability, outcome)
+        for counter in (self.submitted, self.dispatched, self.retries, self.redispatched):
+            counter.labels(capability)
 
 
 class RegistryCollector(Collector):
@@ -135,6 +167,8 @@ class RegistryCollector(Collector):
         # snapshot yields (worker_id, capabilities, concurrency, in_flight, seconds since seen)
         self._snapshot = snapshot
         self._open_tasks = open_tasks
+        #: Capabilities seen once keep their series, at 0 when nothing is left.
+        self._seen: set[str] = set()
 
     def collect(self) -> Iterable[Metric]:
         live = GaugeMetricFamily(
@@ -164,7 +198,10 @@ class RegistryCollector(Collector):
                 acc[2] += max(concurrency - in_flight, 0)
             if n < MAX_WORKER_SERIES:
                 age.add_metric([worker_id], seen)
-        for cap, (workers, busy, free) in sorted(per_cap.items()):
+        open_now = self._open_tasks()
+        self._seen.update(per_cap, open_now)
+        for cap in sorted(self._seen):
+            workers, busy, free = per_cap.get(cap, [0, 0, 0])
             live.add_metric([cap], workers)
             used.add_metric([cap], busy)
             available.add_metric([cap], free)
@@ -173,8 +210,8 @@ class RegistryCollector(Collector):
             "Accepted tasks not answered yet",
             labels=["capability"],
         )
-        for cap, count in sorted(self._open_tasks().items()):
-            open_tasks.add_metric([cap], count)
+        for cap in sorted(self._seen):
+            open_tasks.add_metric([cap], open_now.get(cap, 0))
         return [live, used, available, age, open_tasks]
 
 

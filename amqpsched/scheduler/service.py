@@ -215,6 +215,7 @@ class Scheduler:
                 error=ErrorType.INTERNAL_ERROR,
             )
             await transport.settle(msg)
+            self.metrics.rejected.labels("internal_error").inc()
 
     async def _handle_request(self, msg: IncomingMessage) -> None:
         kind_name = msg.type or Kind.SUBMIT.value
@@ -254,11 +255,18 @@ class Scheduler:
         await transport.settle(msg)
 
     async def _reject(
-        self, msg: IncomingMessage, reason: str, detail: str, request: BaseModel | None = None
+        self,
+        msg: IncomingMessage,
+        reason: str,
+        detail: str,
+        request: BaseModel | None = None,
+        *,
+        client_request: bool = True,
     ) -> None:
         await self.outbox.reject(msg, reason, detail, request)
         await transport.settle(msg)
-        self.metrics.rejected.labels(reason).inc()
+        if client_request:
+            self.metrics.rejected.labels(reason).inc()
         log.warning("rejected message %s: %s: %s", msg.message_id, reason, detail)
 
     async def _submit(
@@ -323,6 +331,7 @@ class Scheduler:
             raise
         if record.state == TaskState.QUEUED:
             record.state = TaskState.DISPATCHED
+        self.metrics.saw_capability(task.capability)
         self.metrics.submitted.labels(task.capability).inc()
         self.metrics.dispatched.labels(task.capability).inc()
         await transport.settle(msg)
@@ -378,14 +387,16 @@ class Scheduler:
             elif msg.type == Kind.TASK:
                 await self._on_dead_task(msg, decode(TaskMessage, msg.body))
             else:
-                await self._reject(msg, "unknown_type", f"unknown event type {msg.type!r}")
+                detail = f"unknown event type {msg.type!r}"
+                await self._reject(msg, "unknown_type", detail, client_request=False)
         except DecodeError as exc:
-            await self._reject(msg, exc.reason, exc.detail)
+            await self._reject(msg, exc.reason, exc.detail, client_request=False)
         except AmqpschedError as exc:
             await self._requeue_later(msg, exc)
         except Exception:
             log.exception("unexpected error on event %s", msg.message_id)
-            await self._reject(msg, "internal_error", "the scheduler failed on this event")
+            detail = "the scheduler failed on this event"
+            await self._reject(msg, "internal_error", detail, client_request=False)
 
     def _on_started(self, ev: StartedEvent) -> None:
         record = self.store.get(ev.task_id)
