@@ -39,7 +39,7 @@ from .protocol import (
     Status,
     StatusReply,
     TaskState,
-    decode,
+    decode_event,
 )
 from .settings import Settings
 from .topology import Topology
@@ -97,7 +97,7 @@ class TaskHandle:
             raise TaskTimeout(
                 self.task_id, f"no answer for {self.task_id} in {wait:.1f}s"
             ) from None
-        return decode(Answer, reply.body)
+        return decode_event(Answer, reply.body)
 
     async def result(self, timeout: float | None = None) -> Any:
         return answer_value(await self.answer(timeout))
@@ -263,7 +263,7 @@ class Client:
         """Cancel a queued or running task. Its answer becomes ``failed``/``cancelled`` unless it
         was already final; the reply tells which."""
         reply = await self._rpc(Kind.CANCEL, {"task_id": task_id}, timeout)
-        return decode(StatusReply, reply.body)
+        return decode_event(StatusReply, reply.body)
 
     def handle(self, task_id: str, timeout: float | None = None) -> TaskHandle:
         """A handle on a task submitted elsewhere (another process, an earlier run)."""
@@ -271,18 +271,18 @@ class Client:
 
     async def status(self, task_id: str, *, timeout: float = 10.0) -> StatusReply:
         reply = await self._rpc(Kind.STATUS, {"task_id": task_id}, timeout)
-        return decode(StatusReply, reply.body)
+        return decode_event(StatusReply, reply.body)
 
     async def answer(self, task_id: str, *, timeout: float = 60.0) -> Answer:
         """The final answer of any task the scheduler remembers, waiting for it if needed."""
         reply = await self._rpc(Kind.RESULT, {"task_id": task_id}, timeout)
         if reply.kind == Kind.STATUS_REPLY:
-            status = decode(StatusReply, reply.body)
+            status = decode_event(StatusReply, reply.body)
             if status.state == TaskState.UNKNOWN:
                 raise UnknownTask(task_id, f"the scheduler does not know task {task_id}")
             if status.answer is not None:
                 return status.answer
-        return decode(Answer, reply.body)
+        return decode_event(Answer, reply.body)
 
     async def result(self, task_id: str, *, timeout: float = 60.0) -> Any:
         return answer_value(await self.answer(task_id, timeout=timeout))
@@ -290,7 +290,7 @@ class Client:
     async def capabilities(self, *, timeout: float = 10.0) -> list[CatalogEntry]:
         """The live catalog: each capability with its description, schema and workers."""
         reply = await self._rpc(Kind.CAPABILITIES, {}, timeout)
-        return decode(CapabilitiesReply, reply.body).capabilities
+        return decode_event(CapabilitiesReply, reply.body).capabilities
 
 
 class SyncClient:

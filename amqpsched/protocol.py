@@ -399,6 +399,16 @@ def decode(model: type[M], raw: bytes) -> M:
         raise DecodeError("invalid_fields", raw, _first_error(exc)) from None
 
 
+def decode_event(model: type[M], raw: bytes) -> M:
+    """Decode a message that amqpsched components exchange among themselves (tasks, events,
+    announcements, replies): one parse, on the hot path. Client requests go through
+    :func:`decode`, which diagnoses every way a body can be wrong."""
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError:
+        return decode(model, raw)  # raises with the precise reason
+
+
 def json_schemas() -> dict[str, dict[str, Any]]:
     """The JSON Schema of every message kind, as committed under ``docs/schemas/``."""
     return {

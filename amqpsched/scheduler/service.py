@@ -31,6 +31,7 @@ from ..protocol import (
     TaskState,
     WorkerAnnouncement,
     decode,
+    decode_event,
     encode,
 )
 from ..settings import Settings
@@ -377,15 +378,15 @@ class Scheduler:
     async def _on_event(self, msg: IncomingMessage) -> None:
         try:
             if msg.type == Kind.STARTED:
-                self._on_started(decode(StartedEvent, msg.body))
+                self._on_started(decode_event(StartedEvent, msg.body))
                 await transport.settle(msg)
             elif msg.type == Kind.OUTCOME:
-                await self._on_outcome(msg, decode(OutcomeEvent, msg.body))
+                await self._on_outcome(msg, decode_event(OutcomeEvent, msg.body))
             elif msg.type == Kind.RETRYING:
-                self._on_retrying(decode(RetryingEvent, msg.body))
+                self._on_retrying(decode_event(RetryingEvent, msg.body))
                 await transport.settle(msg)
             elif msg.type == Kind.TASK:
-                await self._on_dead_task(msg, decode(TaskMessage, msg.body))
+                await self._on_dead_task(msg, decode_event(TaskMessage, msg.body))
             else:
                 detail = f"unknown event type {msg.type!r}"
                 await self._reject(msg, "unknown_type", detail, client_request=False)
@@ -526,7 +527,7 @@ class Scheduler:
 
     async def _on_announcement(self, msg: IncomingMessage) -> None:
         try:
-            announcement = decode(WorkerAnnouncement, msg.body)
+            announcement = decode_event(WorkerAnnouncement, msg.body)
         except DecodeError as exc:
             log.warning("bad worker announcement dropped: %s", exc)
             return

@@ -32,7 +32,7 @@ from ..protocol import (
     Status,
     TaskMessage,
     WorkerAnnouncement,
-    decode,
+    decode_event,
     encode,
 )
 from ..retry import retry_delay
@@ -201,7 +201,7 @@ class Worker:
     # -- cancellation --------------------------------------------------------------------------
     async def _on_control(self, msg: IncomingMessage) -> None:
         try:
-            notice = decode(CancelNotice, msg.body)
+            notice = decode_event(CancelNotice, msg.body)
         except DecodeError as exc:
             log.warning("bad control message dropped: %s", exc)
             return
@@ -228,7 +228,7 @@ class Worker:
 
     async def _take(self, msg: IncomingMessage) -> None:
         try:
-            task = decode(TaskMessage, msg.body)
+            task = decode_event(TaskMessage, msg.body)
         except DecodeError as exc:
             await self._dead_letter(msg, exc.reason, exc.detail)
             return
@@ -284,15 +284,34 @@ class Worker:
         if handler is None:  # only if a queue is shared with another app's capability
             await self._dead_letter(msg, "no_handler", f"no handler for {task.capability!r}")
             return
-        await self._publish_event(
-            Kind.STARTED,
-            StartedEvent(
-                task_id=task.task_id,
-                attempt=task.attempt,
-                worker_id=self.worker_id,
-                started_at=started_at,
-            ),
+        # The handler starts while the broker confirms `started`. The outcome, published later
+        # on the same channel, reaches the results queue after it.
+        started = asyncio.ensure_future(
+            self._publish_event(
+                Kind.STARTED,
+                StartedEvent(
+                    task_id=task.task_id,
+                    attempt=task.attempt,
+                    worker_id=self.worker_id,
+                    started_at=started_at,
+                ),
+            )
         )
+        try:
+            await self._attempt(msg, task, handler, started_at, hold)
+        finally:
+            (failed,) = await asyncio.gather(started, return_exceptions=True)
+            if isinstance(failed, BaseException):
+                log.warning("`started` of task %s was not confirmed: %s", task.task_id, failed)
+
+    async def _attempt(
+        self,
+        msg: IncomingMessage,
+        task: TaskMessage,
+        handler: Handler,
+        started_at: float,
+        hold: _Hold,
+    ) -> None:
         result: Any = None
         error: ErrorInfo | None = None
         limit = task.time_limit or handler.time_limit
