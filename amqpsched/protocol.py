@@ -267,6 +267,7 @@ class TaskMessage(_Reply):
     correlation_id: str
     time_limit: float | None = None
     retry: RetryOverride | None = None
+    idempotency_key: str | None = None
 
 
 # --- worker -> scheduler (queue results) ----------------------------------------------------------

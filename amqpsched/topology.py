@@ -18,6 +18,8 @@ AT_LEAST_ONCE: dict[str, Any] = {
 }
 #: Not ``x-``-prefixed: a headers exchange ignores such headers when matching.
 DELAY_HEADER = "amqpsched-delay"
+#: Routing key of the journal on the tasks exchange; not a valid capability name.
+JOURNAL_KEY = "_journal"
 
 
 @dataclass(frozen=True)
@@ -95,11 +97,17 @@ class Topology:
         return self._n("amqpsched.journal")
 
     async def declare_journal(self, channel: AbstractChannel, max_age_s: int) -> AbstractQueue:
-        return await channel.declare_queue(
+        queue = await channel.declare_queue(
             self.journal_queue,
             durable=True,
             arguments={"x-queue-type": "stream", "x-max-age": f"{max_age_s}s"},
         )
+        exchange = await channel.declare_exchange(
+            self.tasks_exchange, ExchangeType.TOPIC, durable=True
+        )
+        # A dispatch carries `BCC: [JOURNAL_KEY]`: the same publish lands in the journal.
+        await queue.bind(exchange, routing_key=JOURNAL_KEY)
+        return queue
 
     @property
     def dead_letter_exchange(self) -> str:

@@ -48,6 +48,7 @@ H_ORIGINAL_CORRELATION_ID = "x-amqpsched-original-correlation-id"
 BROKER_ERRORS: tuple[type[BaseException], ...] = (
     aio_pika.exceptions.AMQPError,
     aiormq.exceptions.AMQPError,
+    aiormq.exceptions.ChannelInvalidStateError,
     ConnectionError,
     OSError,
     asyncio.TimeoutError,

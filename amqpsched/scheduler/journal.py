@@ -1,9 +1,11 @@
-"""The scheduler's journal: its decisions (task accepted, answered, cancelled) appended to a
-RabbitMQ stream, and replayed by a scheduler that starts, so a restart forgets nothing within the
-retention window: no second answer, no lost deadline, no forgotten cancel or idempotency key.
+"""The scheduler's journal: a RabbitMQ stream of its decisions, replayed by a scheduler that
+starts, so a restart forgets nothing within the retention window: no second answer, no lost
+deadline, no forgotten cancel or idempotency key.
 
-Appends are group-committed: records that arrive while a publish awaits its confirm go together
-in the next message, so the journal costs one confirmed publish per batch, not per record."""
+Dispatches and answers are journaled by the very publish that makes them: the stream is a second
+destination of the same message (a ``BCC`` header), so a message and its journal record exist
+together or not at all. Other records (cancels) are appended as JSON lines, group-committed:
+records that arrive while a publish awaits its confirm go together in the next message."""
 
 from __future__ import annotations
 
@@ -19,37 +21,12 @@ from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from .. import transport
 from ..errors import BrokerError
-from ..protocol import Answer, Kind
+from ..protocol import Kind
 from ..topology import Topology
 
 log = logging.getLogger("amqpsched.journal")
 
 Record = dict[str, Any]
-
-
-def accepted(
-    task_id: str,
-    capability: str,
-    reply_to: str,
-    correlation_id: str,
-    submitted_at: float,
-    deadline: float,
-    key: str | None,
-) -> Record:
-    return {
-        "k": "accepted",
-        "task_id": task_id,
-        "capability": capability,
-        "reply_to": reply_to,
-        "correlation_id": correlation_id,
-        "submitted_at": submitted_at,
-        "deadline": deadline,
-        "key": key,
-    }
-
-
-def answered(answer: Answer, finished_at: float) -> Record:
-    return {"k": "answered", "answer": answer.model_dump(mode="json"), "at": finished_at}
 
 
 def cancelled(task_id: str, until: float) -> Record:
@@ -95,11 +72,12 @@ class Journal:
 async def replay(
     conn: AbstractRobustConnection,
     topology: Topology,
-    apply: Callable[[Record], None],
+    apply: Callable[[str, bytes], None],
     timeout: float = 120.0,
 ) -> int:
-    """Read the whole journal, oldest first, calling ``apply`` on each record; return the count.
-    The end is found by appending a marker first and reading until it comes back."""
+    """Read the whole journal, oldest first, calling ``apply(kind, body)`` on each record: kind
+    ``task`` (a dispatch), ``answer``, or ``record`` (one JSON line). Return the count. The end is
+    found by appending a marker first and reading until it comes back."""
     channel = await conn.channel(publisher_confirms=True)
     marker = uuid.uuid4().hex
     count = 0
@@ -117,7 +95,18 @@ async def replay(
         async def on_message(msg: aio_pika.abc.AbstractIncomingMessage) -> None:
             # Records are applied before the first await, so in delivery order.
             nonlocal count
-            for line in [] if done.is_set() else msg.body.splitlines():
+            if done.is_set():
+                await msg.ack()
+                return
+            if msg.type in (Kind.TASK, Kind.ANSWER):
+                try:
+                    apply(msg.type, msg.body)
+                    count += 1
+                except Exception:
+                    log.exception("journal %s skipped", msg.type)
+                await msg.ack()
+                return
+            for line in msg.body.splitlines():
                 try:
                     record = json.loads(line)
                 except ValueError:
@@ -129,7 +118,7 @@ async def replay(
                         break
                     continue
                 try:
-                    apply(record)
+                    apply("record", line)
                     count += 1
                 except Exception:
                     log.exception("journal record skipped: %s", str(record)[:200])

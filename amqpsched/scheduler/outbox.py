@@ -14,9 +14,11 @@ from prometheus_client import Counter
 from .. import transport
 from ..errors import BrokerError
 from ..protocol import Answer, CancelNotice, ErrorInfo, ErrorType, Kind, Status, TaskMessage, encode
-from ..topology import Topology
+from ..topology import JOURNAL_KEY, Topology
 from ..transport import IncomingMessage
 from .state import TaskRecord
+
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 
 
 def peek(raw: bytes) -> tuple[str | None, str | None]:
@@ -64,10 +66,25 @@ class Outbox:
         )
 
     async def answer(self, targets: list[tuple[str, str]], answer: Answer) -> None:
+        """Send the final answer to every target and, by the same publish as the first target's,
+        to the journal: an answer is journaled exactly when it is sent."""
         body = encode(answer)
-        await asyncio.gather(*(self.send(r, c, Kind.ANSWER, body) for r, c in targets))
+        journal = self.topology.journal_queue
+        first, rest = (targets[0], targets[1:]) if targets else (None, [])
+        sends = [self.send(r, c, Kind.ANSWER, body) for r, c in rest]
+        if first is not None and not first[0].startswith(DIRECT_REPLY_TO):
+            msg = transport.message(
+                body, Kind.ANSWER, correlation_id=first[1], headers={"BCC": [journal]}
+            )
+            sends.append(transport.publish(self.channel.default_exchange, msg, first[0]))
+        else:
+            if first is not None:  # direct reply-to takes no BCC: journal it on its own
+                sends.append(self.send(first[0], first[1], Kind.ANSWER, body))
+            sends.append(self.send(journal, "", Kind.ANSWER, body))
+        await asyncio.gather(*sends)
 
     async def dispatch(self, task: TaskMessage) -> None:
+        """Publish ``task`` to its capability queue and, by the same publish, to the journal."""
         await self._ensure_capability(task.capability)
         exchange = await self.channel.get_exchange(self.topology.tasks_exchange)
         try:
@@ -78,6 +95,7 @@ class Outbox:
                     Kind.TASK,
                     message_id=task.task_id,
                     correlation_id=task.correlation_id,
+                    headers={"BCC": [JOURNAL_KEY]},
                 ),
                 task.capability,
                 mandatory=True,

@@ -4,6 +4,7 @@ answers clients. Decisions live in ``registry`` and ``state``; this module moves
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -37,7 +38,7 @@ from ..protocol import (
 from ..settings import Settings
 from ..topology import Topology
 from ..transport import IncomingMessage
-from .journal import Journal, Record, accepted, answered, cancelled, replay
+from .journal import Journal, cancelled, replay
 from .outbox import Outbox, failure
 from .registry import WorkerRegistry
 from .state import MemoryTaskStore, TaskRecord, is_fenced, timeout_error
@@ -155,42 +156,51 @@ class Scheduler:
             raise AmqpschedError("scheduler is not started")
         return self._journal
 
-    def _apply(self, record: Record) -> None:
-        """One journal record, replayed at start."""
-        kind = record["k"]
-        if kind == "accepted":
-            known = self.store.get(record["task_id"])
-            # A later acceptance of a finished id is a replay from the dead-letter queue.
-            if known is None or (
-                known.final and record["submitted_at"] >= (known.finished_at or 0.0)
-            ):
-                self.store.add(
-                    TaskRecord(
-                        task_id=record["task_id"],
-                        capability=record["capability"],
-                        reply_to=record["reply_to"],
-                        correlation_id=record["correlation_id"],
-                        submitted_at=record["submitted_at"],
-                        deadline=record["deadline"],
-                        state=TaskState.DISPATCHED,
-                        idempotency_key=record.get("key"),
-                    )
+    def _apply(self, kind: str, body: bytes) -> None:
+        """One journal entry, replayed at start: a dispatch, an answer, or a JSON record."""
+        if kind == Kind.TASK:
+            self._apply_dispatch(decode_event(TaskMessage, body))
+        elif kind == Kind.ANSWER:
+            answer = decode_event(Answer, body)
+            if answer.task_id is None:
+                return
+            at = answer.finished_at or time.time()
+            known = self.store.get(answer.task_id)
+            if known is None:
+                known = TaskRecord(
+                    answer.task_id, answer.capability or "", "", "", answer.submitted_at or at, at
                 )
-        elif kind == "answered":
-            answer = Answer.model_validate(record["answer"])
-            assert answer.task_id is not None
-            known = self.store.get(answer.task_id) or TaskRecord(
-                answer.task_id,
-                answer.capability or "",
-                "",
-                "",
-                answer.submitted_at or record["at"],
-                record["at"],
-            )
+            elif known.final and (known.finished_at or 0.0) >= at:
+                return
             known.attempts = answer.attempts
-            self.store.finish(known, answer, record["at"])
-        elif kind == "cancelled":
-            self._cancels[record["task_id"]] = record["until"]
+            self.store.finish(known, answer, at)
+        else:
+            record = json.loads(body)
+            if record.get("k") == "cancelled":
+                self._cancels[record["task_id"]] = record["until"]
+
+    def _apply_dispatch(self, task: TaskMessage) -> None:
+        known = self.store.get(task.task_id)
+        if known is not None and not known.final:
+            if task.attempt >= known.attempt:  # a re-dispatch
+                known.attempt, known.task = task.attempt, task
+            return
+        # New, or a later dispatch of a finished id: a replay from the dead-letter queue.
+        if known is None or task.submitted_at >= (known.finished_at or 0.0):
+            self.store.add(
+                TaskRecord(
+                    task_id=task.task_id,
+                    capability=task.capability,
+                    reply_to=task.reply_to,
+                    correlation_id=task.correlation_id,
+                    submitted_at=task.submitted_at,
+                    deadline=task.deadline,
+                    state=TaskState.DISPATCHED,
+                    attempt=task.attempt,
+                    task=task,
+                    idempotency_key=task.idempotency_key,
+                )
+            )
 
     @property
     def ready(self) -> bool:
@@ -310,6 +320,7 @@ class Scheduler:
             correlation_id=corr,
             time_limit=req.time_limit,
             retry=req.retry,
+            idempotency_key=req.idempotency_key,
         )
         record = TaskRecord(
             task_id=task.task_id,
@@ -322,11 +333,8 @@ class Scheduler:
             idempotency_key=req.idempotency_key,
         )
         self.store.add(record)
-        entry = accepted(
-            task.task_id, task.capability, reply_to, corr, now, task.deadline, req.idempotency_key
-        )
         try:
-            await asyncio.gather(self.outbox.dispatch(task), self.journal.append(entry))
+            await self.outbox.dispatch(task)  # journaled by the same publish
         except AmqpschedError:
             self.store.forget(task.task_id)  # not dispatched: the redelivery starts afresh
             raise
@@ -512,9 +520,9 @@ class Scheduler:
         state, watchers = record.state, list(record.watchers)
         self.store.finish(record, answer, now)  # final at once for status queries
         try:
+            # Sent and journaled by one publish: after a crash, a restarted scheduler knows
+            # exactly which answers went out.
             await self.outbox.answer([t for t in targets if t[0]], answer)
-            # Journaled after it was sent: a crash in between may answer twice, never zero times.
-            await self.journal.append(answered(answer, now))
         except AmqpschedError:
             self.store.reopen(record, state, watchers)  # the redelivery will answer it
             raise

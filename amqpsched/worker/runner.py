@@ -197,6 +197,8 @@ class Worker:
                 await self._announce(Kind.HEARTBEAT)
             except AmqpschedError as exc:
                 log.warning("heartbeat failed: %s", exc)
+            except Exception:  # the heartbeat must outlive any one failure
+                log.exception("heartbeat failed")
 
     # -- cancellation --------------------------------------------------------------------------
     async def _on_control(self, msg: IncomingMessage) -> None:
@@ -261,15 +263,19 @@ class Worker:
             return False
         acquire = asyncio.ensure_future(self._slots.acquire())
         stop = asyncio.ensure_future(self._stopping.wait())
-        await asyncio.wait({acquire, stop}, return_when=asyncio.FIRST_COMPLETED)
-        stop.cancel()
-        if acquire.done() and not acquire.cancelled():
-            if self._stopping.is_set():
+        got = False
+        try:
+            await asyncio.wait({acquire, stop}, return_when=asyncio.FIRST_COMPLETED)
+            got = acquire.done() and not acquire.cancelled() and not self._stopping.is_set()
+        finally:
+            # Also when this delivery is cancelled (a lost connection): a slot taken for it
+            # must not leak, or the worker ends up with none.
+            stop.cancel()
+            if not acquire.done():
+                acquire.cancel()
+            elif not got and not acquire.cancelled():
                 self._slots.release()
-                return False
-            return True
-        acquire.cancel()
-        return False
+        return got
 
     async def _execute(self, msg: IncomingMessage, task: TaskMessage, hold: _Hold) -> None:
         handler = self.handlers.get(task.capability)
