@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -74,14 +75,18 @@ async def replay(
     topology: Topology,
     apply: Callable[[str, bytes], None],
     timeout: float = 120.0,
+    settle: float = 0.3,
 ) -> int:
     """Read the whole journal, oldest first, calling ``apply(kind, body)`` on each record: kind
     ``task`` (a dispatch), ``answer``, or ``record`` (one JSON line). Return the count. The end is
-    found by appending a marker first and reading until it comes back."""
+    found by appending a marker first and reading until it comes back; then records go on being
+    applied until none has come for ``settle`` seconds, because a scheduler that was just killed
+    may have publishes still on their way into the stream behind the marker."""
     channel = await conn.channel(publisher_confirms=True)
     marker = uuid.uuid4().hex
     count = 0
     done = asyncio.Event()
+    arrived = asyncio.Event()
     try:
         await channel.set_qos(prefetch_count=1000)
         queue = await channel.get_queue(topology.journal_queue)
@@ -95,9 +100,7 @@ async def replay(
         async def on_message(msg: aio_pika.abc.AbstractIncomingMessage) -> None:
             # Records are applied before the first await, so in delivery order.
             nonlocal count
-            if done.is_set():
-                await msg.ack()
-                return
+            arrived.set()
             if msg.type in (Kind.TASK, Kind.ANSWER):
                 try:
                     apply(msg.type, msg.body)
@@ -115,7 +118,6 @@ async def replay(
                 if record.get("k") == "marker":
                     if record.get("id") == marker:
                         done.set()
-                        break
                     continue
                 try:
                     apply("record", line)
@@ -127,6 +129,13 @@ async def replay(
         tag = await queue.consume(on_message, arguments={"x-stream-offset": "first"})
         try:
             await asyncio.wait_for(done.wait(), timeout)
+            quiet_until = time.monotonic() + 10 * settle
+            while time.monotonic() < quiet_until:
+                arrived.clear()
+                try:
+                    await asyncio.wait_for(arrived.wait(), settle)
+                except TimeoutError:
+                    break  # quiet: the journal is read
         finally:
             await queue.cancel(tag)
     except transport.BROKER_ERRORS as exc:
