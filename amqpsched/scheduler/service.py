@@ -199,6 +199,7 @@ class Scheduler:
                     attempt=task.attempt,
                     task=task,
                     idempotency_key=task.idempotency_key,
+                    recovered=True,
                 )
             )
 
@@ -295,11 +296,6 @@ class Scheduler:
         known = self.store.get(req.task_id) if req.task_id else None
         if known is None and req.idempotency_key is not None:
             known = self.store.by_key(req.idempotency_key, now)
-        if known is not None and msg.redelivered and not known.final and known.task is None:
-            # Recovered from the journal, but was its dispatch confirmed before the crash? Not
-            # known: dispatch again (fencing and the one-answer rule make that safe).
-            self.store.forget(known.task_id)
-            known = None
         if known is not None:
             # The same task again (a redelivery, a client retry, an idempotency key): it runs
             # once, and every submission gets its answer.
@@ -614,7 +610,7 @@ class Scheduler:
 
     async def _expire(self, record: TaskRecord, now: float) -> None:
         live = self.registry.has_live(record.capability)
-        if record.task is None and live and record.state == TaskState.DISPATCHED:
+        if record.recovered and live and record.state == TaskState.DISPATCHED:
             # Recovered from the journal: it may be running on a worker since before this
             # scheduler started. A live worker answers it either way (its result, or expired
             # when it takes it too late); look again later.

@@ -27,6 +27,8 @@ class TaskRecord:
     #: The dispatched message, kept until the answer, to dispatch again if its worker dies.
     task: TaskMessage | None = None
     idempotency_key: str | None = None
+    #: Read back from the journal by a scheduler that started after it was dispatched.
+    recovered: bool = False
     answer: Answer | None = None
     finished_at: float | None = None
     #: Extra (reply_to, correlation_id) pairs waiting for the final answer.
