@@ -13,6 +13,7 @@ from .errors import (
     TaskTimeout,
     UnknownTask,
 )
+from .protocol import RetryPolicy
 from .settings import Settings
 from .worker.app import InvalidPayload, WorkerApp
 
@@ -24,6 +25,7 @@ __all__ = [
     "DecodeError",
     "InvalidPayload",
     "NoWorkerAvailable",
+    "RetryPolicy",
     "Settings",
     "SyncClient",
     "TaskError",
