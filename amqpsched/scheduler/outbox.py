@@ -86,7 +86,7 @@ class Outbox:
     async def dispatch(self, task: TaskMessage) -> None:
         """Publish ``task`` to its capability queue and, by the same publish, to the journal."""
         await self._ensure_capability(task.capability)
-        exchange = await self.channel.get_exchange(self.topology.tasks_exchange)
+        exchange = await self.channel.get_exchange(self.topology.tasks_exchange, ensure=False)
         try:
             await transport.publish(
                 exchange,
@@ -116,7 +116,7 @@ class Outbox:
                     raise BrokerError(f"cannot declare queue for {capability!r}: {exc}") from exc
 
     async def cancel_notice(self, task_ids: list[str], until: float) -> None:
-        exchange = await self.channel.get_exchange(self.topology.control_exchange)
+        exchange = await self.channel.get_exchange(self.topology.control_exchange, ensure=False)
         notice = CancelNotice(task_ids=task_ids, until=until)
         await transport.publish(
             exchange, transport.message(encode(notice), Kind.CANCELLED, persistent=False), ""
@@ -132,7 +132,7 @@ class Outbox:
         capability: str | None = None,
         attempts: int | None = None,
     ) -> None:
-        exchange = await self.channel.get_exchange(self.topology.dead_letter_exchange)
+        exchange = await self.channel.get_exchange(self.topology.dead_letter_exchange, ensure=False)
         await transport.publish(
             exchange,
             transport.dead_letter_message(

@@ -470,7 +470,7 @@ class Scheduler:
             self.metrics.execution.labels(ev.capability).observe(
                 max(ev.finished_at - ev.started_at, 0.0)
             )
-        log.info(
+        log.debug(
             "task %s %s (%s) attempt %d on %s",
             ev.task_id,
             ev.status.value,
