@@ -1,0 +1,72 @@
+"""``python -m bench --quick`` runs end to end and writes rows of the documented shape.
+No timing assertions: the numbers belong in docs/benchmarks.md, not in a test."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT
+
+pytestmark = pytest.mark.system
+
+KEYS = {
+    "system",
+    "workload",
+    "in_flight",
+    "payload_bytes",
+    "tasks",
+    "throughput_tps",
+    "p50_ms",
+    "p99_ms",
+}
+
+
+@pytest.mark.timeout(180)
+def test_bench_quick_writes_rows_of_the_documented_shape(amqp_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--quick",
+            "--systems",
+            "amqpsched,raw-aio-pika",
+            "--amqp-url",
+            amqp_url,
+            "--json",
+            str(out),
+            "--log-dir",
+            str(tmp_path / "logs"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())
+    assert isinstance(rows, list) and rows
+    for row in rows:
+        assert set(row) == KEYS, row
+        assert isinstance(row["system"], str) and isinstance(row["workload"], str)
+        for key in ("in_flight", "payload_bytes", "tasks"):
+            assert isinstance(row[key], int), row
+        for key in ("throughput_tps", "p50_ms", "p99_ms"):
+            assert row[key] is None or isinstance(row[key], int | float), row
+    assert {r["system"] for r in rows} == {"amqpsched", "raw-aio-pika"}
+    for system in ("amqpsched", "raw-aio-pika"):
+        measured = {
+            (r["workload"], r["in_flight"], r["payload_bytes"])
+            for r in rows
+            if r["system"] == system and r["tasks"] > 0 and r["throughput_tps"] is not None
+        }
+        assert {("throughput", n, 100) for n in (1, 64, 1000)} <= measured, (system, measured)
+        assert ("latency", 1, 100) in measured
+        assert {("payload", 64, 1024), ("payload", 64, 65536)} <= measured
+    assert "tasks/s" in proc.stdout  # the table was printed
