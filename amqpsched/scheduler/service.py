@@ -513,7 +513,7 @@ class Scheduler:
     async def _finish(self, record: TaskRecord, answer: Answer, now: float) -> None:
         """Send the one final answer to the submitter and every watcher, then remember it."""
         targets = [(record.reply_to, record.correlation_id), *record.watchers]
-        state, watchers = record.state, list(record.watchers)
+        state, watchers, task = record.state, list(record.watchers), record.task
         self.store.finish(record, answer, now)  # final at once for status queries
         try:
             # Sent and journaled by one publish: after a crash, a restarted scheduler knows
@@ -521,6 +521,7 @@ class Scheduler:
             await self.outbox.answer([t for t in targets if t[0]], answer)
         except AmqpschedError:
             self.store.reopen(record, state, watchers)  # the redelivery will answer it
+            record.task = task
             raise
         outcome = answer.error.type.value if answer.error else answer.status.value
         self.metrics.finished.labels(record.capability, outcome).inc()

@@ -115,6 +115,7 @@ class MemoryTaskStore:
         record.state = final_state(answer)
         record.finished_at = now
         record.watchers.clear()
+        record.task = None  # its payload is not needed any more
         if record.task_id not in self._records:
             self.add(record)
         self._finished[record.task_id] = now
