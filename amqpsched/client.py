@@ -141,11 +141,15 @@ class Client:
         self._conn = await transport.connect(self.settings, f"amqpsched-client-{self.client_id}")
         try:
             self._channel = await transport.confirm_channel(self._conn)
-            # Declared here too, so tasks submitted before any scheduler runs wait for it.
-            await self.topology.declare_submit(self._channel)
+            # The scheduler owns tasks.submit; a client with its role's permissions can only
+            # check it exists. Others (guest) create it, so tasks wait for a scheduler.
+            await self.topology.ensure(self._channel, self.topology.submit_queue)
             queue = await self.topology.declare_reply_queue(self._channel, self.client_id)
             await queue.consume(self._on_reply, no_ack=True)
             self._default = self._channel.default_exchange
+        except BrokerError:
+            await self._conn.close()
+            raise
         except transport.BROKER_ERRORS as exc:
             await self._conn.close()
             raise BrokerError(f"client could not set up: {exc}") from exc

@@ -344,7 +344,7 @@ async def replay(settings: Settings, dead_ids: list[str] | None) -> ReplayReport
         held: list[IncomingMessage] = []
         try:
             try:
-                await topo.declare_submit(channel)
+                await topo.ensure(channel, topo.submit_queue)
             except transport.BROKER_ERRORS as exc:
                 raise BrokerError(f"cannot declare {topo.submit_queue!r}: {exc}") from exc
             queue = await channel.get_queue(topo.dead_letter_queue, ensure=False)

@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
+import aiormq.exceptions
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, ExchangeType
 
+from .errors import BrokerError
 from .retry import DELAY_STEPS_MS
 
 QUORUM: dict[str, Any] = {"x-queue-type": "quorum"}
@@ -20,6 +23,8 @@ AT_LEAST_ONCE: dict[str, Any] = {
 DELAY_HEADER = "amqpsched-delay"
 #: Routing key of the journal on the tasks exchange; not a valid capability name.
 JOURNAL_KEY = "_journal"
+
+_Declare = Callable[[AbstractChannel], Awaitable[object]]
 
 
 @dataclass(frozen=True)
@@ -126,26 +131,77 @@ class Topology:
     async def declare_submit(self, channel: AbstractChannel) -> AbstractQueue:
         return await channel.declare_queue(self.submit_queue, durable=True, arguments=QUORUM)
 
+    def _core(self) -> dict[str, tuple[Literal["queue", "exchange"], _Declare]]:
+        """The core queues and exchanges, which the scheduler owns: name -> (kind, declaration)."""
+
+        def exchange(name: str, kind: ExchangeType) -> _Declare:
+            return lambda channel: channel.declare_exchange(name, kind, durable=True)
+
+        async def results(channel: AbstractChannel) -> None:
+            await channel.declare_queue(self.results_queue, durable=True, arguments=QUORUM)
+
+        async def dead_letters(channel: AbstractChannel) -> None:
+            dlx = await channel.declare_exchange(
+                self.dead_letter_exchange, ExchangeType.FANOUT, durable=True
+            )
+            dead = await channel.declare_queue(
+                self.dead_letter_queue, durable=True, arguments=QUORUM
+            )
+            await dead.bind(dlx, routing_key="")
+
+        return {
+            self.submit_queue: ("queue", self.declare_submit),
+            self.tasks_exchange: ("exchange", exchange(self.tasks_exchange, ExchangeType.TOPIC)),
+            self.results_queue: ("queue", results),
+            self.registry_exchange: ("exchange", self.declare_registry_exchange),
+            # With the queue it feeds: a dead letter is never published to nowhere.
+            self.dead_letter_exchange: ("exchange", dead_letters),
+            self.delay_exchange: ("exchange", exchange(self.delay_exchange, ExchangeType.HEADERS)),
+            self.control_exchange: (
+                "exchange",
+                exchange(self.control_exchange, ExchangeType.FANOUT),
+            ),
+        }
+
     async def declare_core(self, channel: AbstractChannel) -> None:
-        """Everything but the capability queues: idempotent, safe from any process."""
-        await self.declare_submit(channel)
-        await channel.declare_exchange(self.tasks_exchange, ExchangeType.TOPIC, durable=True)
-        await channel.declare_queue(self.results_queue, durable=True, arguments=QUORUM)
-        await self.declare_registry_exchange(channel)
-        dlx = await channel.declare_exchange(
-            self.dead_letter_exchange, ExchangeType.FANOUT, durable=True
-        )
-        dead = await channel.declare_queue(self.dead_letter_queue, durable=True, arguments=QUORUM)
-        await dead.bind(dlx, routing_key="")
-        await channel.declare_exchange(self.delay_exchange, ExchangeType.HEADERS, durable=True)
-        await channel.declare_exchange(self.control_exchange, ExchangeType.FANOUT, durable=True)
+        """Everything but the capability queues and the journal: idempotent. The scheduler's job;
+        other roles :meth:`ensure` what they use."""
+        for _, declare in self._core().values():
+            await declare(channel)
+
+    async def ensure(self, channel: AbstractChannel, name: str) -> None:
+        """Make sure the core queue or exchange ``name`` exists; declare it (as
+        :meth:`declare_core` does) only if it does not. The check is a passive declare, which
+        needs no permission: a role that uses but does not own an entity needs no configure
+        permission on it, so it cannot delete it either. It runs on a short-lived channel of its
+        own, as a missing entity closes the channel (404 NOT_FOUND); ``channel`` survives.
+
+        Raises :class:`BrokerError` if ``name`` is missing and this user may not create it."""
+        kind, declare = self._core()[name]
+        underlay = await channel.get_underlay_channel()
+        probe = await underlay.connection.channel(publisher_confirms=False)
+        try:
+            if kind == "queue":
+                await probe.queue_declare(name, passive=True)
+            else:
+                await probe.exchange_declare(name, passive=True)
+            return
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            pass  # the broker closed the probe channel
+        finally:
+            if not probe.is_closed:
+                await probe.close()
+        try:
+            await declare(channel)
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            raise BrokerError(
+                f"{name} does not exist and this user may not create it: start a scheduler first"
+            ) from exc
 
     async def declare_delay(self, channel: AbstractChannel, delay_ms: int) -> None:
         if f"delay:{delay_ms}" in self._declared:
             return
-        exchange = await channel.declare_exchange(
-            self.delay_exchange, ExchangeType.HEADERS, durable=True
-        )
+        await self.ensure(channel, self.delay_exchange)
         queue = await channel.declare_queue(
             self.delay_queue(delay_ms),
             durable=True,
@@ -156,19 +212,19 @@ class Topology:
                 "x-dead-letter-exchange": self.tasks_exchange,
             },
         )
-        await queue.bind(exchange, arguments={"x-match": "all", DELAY_HEADER: str(delay_ms)})
+        await queue.bind(
+            self.delay_exchange, arguments={"x-match": "all", DELAY_HEADER: str(delay_ms)}
+        )
         self._declared.add(f"delay:{delay_ms}")
 
     async def declare_control_queue(
         self, channel: AbstractChannel, worker_id: str
     ) -> AbstractQueue:
-        exchange = await channel.declare_exchange(
-            self.control_exchange, ExchangeType.FANOUT, durable=True
-        )
+        await self.ensure(channel, self.control_exchange)
         queue = await channel.declare_queue(
             self.control_queue(worker_id), exclusive=True, auto_delete=True
         )
-        await queue.bind(exchange, routing_key="")
+        await queue.bind(self.control_exchange, routing_key="")
         return queue
 
     async def declare_registry_exchange(self, channel: AbstractChannel) -> AbstractExchange:
@@ -177,13 +233,11 @@ class Topology:
         )
 
     async def declare_capability(self, channel: AbstractChannel, capability: str) -> AbstractQueue:
-        exchange = await channel.declare_exchange(
-            self.tasks_exchange, ExchangeType.TOPIC, durable=True
-        )
+        await self.ensure(channel, self.tasks_exchange)
         queue = await channel.declare_queue(
             self.capability_queue(capability), durable=True, arguments=self.capability_arguments()
         )
-        await queue.bind(exchange, routing_key=capability)
+        await queue.bind(self.tasks_exchange, routing_key=capability)
         self._declared.add(capability)
         return queue
 

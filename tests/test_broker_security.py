@@ -4,7 +4,9 @@ The role definitions of ``deploy/rabbitmq/definitions.json`` are rendered with t
 ``deploy/rabbitmq/render_definitions.py`` (as the Kubernetes init container does) and imported
 with ``rabbitmqctl import_definitions``. Then a scheduler, a worker and a client, each with its
 own role's credentials, do their whole job (dispatch, retries, dead letters, cancellation,
-queries), KEDA's user reads a queue's depth, and each role is refused what it must not do.
+queries), KEDA's user reads a queue's depth, and each role is refused what it must not do. Only
+the scheduler may create the core topology: a client or worker started before any scheduler ran
+says so. The client role's connection limits and the reply queues' policy are in force.
 The same node has a TLS listener (certificates made by the test with ``openssl``, client
 certificates required): the round trip runs again over ``amqps://``. docs/security.md says why.
 """
@@ -12,6 +14,7 @@ certificates required): the round trip runs again over ``amqps://``. docs/securi
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.util
 import json
 import os
@@ -114,8 +117,14 @@ class Broker:
         secret = self.passwords[f"amqpsched-{role}"] if password is None else password
         return f"amqp://amqpsched-{role}:{secret}@127.0.0.1:{self.node.port}/{vhost}"
 
-    def settings(self, role: str, **overrides: Any) -> Settings:
-        return Settings(amqp_url=self.url(role), heartbeat_interval=0.3, **overrides)
+    def settings(self, role: str, vhost: str = VHOST, **overrides: Any) -> Settings:
+        return Settings(amqp_url=self.url(role, vhost=vhost), heartbeat_interval=0.3, **overrides)
+
+    def ctl(self, *args: str) -> str:
+        """``rabbitmqctl -q args`` on the node (as its administrator); its standard output."""
+        done = self.node.ctl("-q", *args)
+        assert done.returncode == 0, f"rabbitmqctl {' '.join(args)}:\n{done.stdout}{done.stderr}"
+        return done.stdout
 
     def tls_settings(self, role: str, **overrides: Any) -> Settings:
         secret = self.passwords[f"amqpsched-{role}"]
@@ -262,8 +271,98 @@ async def test_each_role_does_its_job(broker: Broker) -> None:
         channel = await conn.channel()
         queue = await channel.declare_queue(TOPO.capability_queue("echo"), passive=True)
         assert queue.declaration_result.message_count == 0
+        # Passive declares need no permission, of exchanges either (clients and workers check
+        # the scheduler's topology that way).
+        await channel.declare_exchange(TOPO.tasks_exchange, passive=True)
     finally:
         await conn.close()
+
+
+def empty_vhost(broker: Broker) -> str:
+    """A new vhost with the roles' permissions of the definitions, and nothing declared in it."""
+    definitions = json.loads(DEFINITIONS.read_text())
+    vhost = f"amqpsched-fresh-{secrets.token_hex(4)}"
+    broker.ctl("add_vhost", vhost)
+    for perm in definitions["permissions"]:
+        broker.ctl("set_permissions", "-p", vhost, perm["user"],
+                   perm["configure"], perm["write"], perm["read"])  # fmt: skip
+    for perm in definitions["topic_permissions"]:
+        broker.ctl("set_topic_permissions", "-p", vhost, perm["user"],
+                   perm["exchange"], perm["write"], perm["read"])  # fmt: skip
+    return vhost
+
+
+async def test_scheduler_comes_first(broker: Broker) -> None:
+    """Only the scheduler may create the topology it owns. Where none ever ran, a client and a
+    worker fail with a clear error (and leave nothing behind); once one ran, both work."""
+    vhost = empty_vhost(broker)
+    try:
+        settings = functools.partial(broker.settings, vhost=vhost)
+        with pytest.raises(BrokerError) as refused:
+            await asyncio.wait_for(Client(settings("client")).connect(), STEP)
+        assert str(refused.value) == (
+            "tasks.submit does not exist and this user may not create it: start a scheduler first"
+        )
+        worker = Worker(flaky_app, ("echo",), settings("worker"))
+        with pytest.raises(BrokerError, match="may not create it: start a scheduler first"):
+            await asyncio.wait_for(worker.start(), STEP)
+        assert broker.ctl("list_queues", "-p", vhost, "--no-table-headers", "name") == ""
+        connections = broker.ctl("list_connections", "--no-table-headers", "vhost")
+        assert vhost not in connections, "they closed their connections"
+        async with running(settings, ("echo",)) as (_s, client, start_worker):
+            await start_worker()
+            assert await client.call("echo", {"fresh": True}, timeout=STEP) == {"fresh": True}
+    finally:
+        broker.ctl("delete_vhost", vhost)
+
+
+# -- clients cannot hoard connections, channels or reply queues ----------------------------------
+
+
+def table(text: str) -> list[list[str]]:
+    return [line.split("\t") for line in text.splitlines() if line]
+
+
+async def test_client_limits_are_in_force(broker: Broker) -> None:
+    definitions = json.loads(DEFINITIONS.read_text())
+    (user,) = (u for u in definitions["users"] if u["name"] == "amqpsched-client")
+    assert set(user["limits"]) == {"max-connections", "max-channels"}
+    listed = broker.ctl("list_user_limits", "--user", "amqpsched-client").strip()
+    assert json.loads(listed) == user["limits"]
+    # Enforced (shown with a limit of one connection, then the committed limits are back).
+    broker.ctl("set_user_limits", "amqpsched-client", '{"max-connections": 1}')
+    try:
+        conn = await aio_pika.connect(broker.url("client"), timeout=STEP)
+        try:
+            with pytest.raises(aiormq.exceptions.AMQPError):
+                await aio_pika.connect(broker.url("client"), timeout=STEP)
+        finally:
+            await conn.close()
+    finally:
+        broker.ctl("set_user_limits", "amqpsched-client", json.dumps(user["limits"]))
+    listed = broker.ctl("list_user_limits", "--user", "amqpsched-client").strip()
+    assert json.loads(listed) == user["limits"]
+
+
+async def test_reply_queue_policy_applies_to_reply_queues_only(broker: Broker) -> None:
+    definitions = json.loads(DEFINITIONS.read_text())
+    (policy,) = definitions["policies"]
+    async with running(broker.settings, ("echo",)) as (_s, client, start_worker):
+        await start_worker()
+        await client.call("echo", {}, timeout=STEP)  # the journal and a capability queue exist
+        listed = broker.ctl(
+            "list_queues", "-p", VHOST, "--no-table-headers", "name", "type", "policy"
+        )
+    kind_and_policy = {name: (kind, applied) for name, kind, applied in table(listed)}
+    reply = TOPO.reply_queue(client.client_id)
+    assert kind_and_policy.pop(reply) == ("classic", policy["name"])
+    assert {kind for kind, _ in kind_and_policy.values()} >= {"quorum", "stream"}
+    assert all(applied == "" for _, applied in kind_and_policy.values()), "only on reply queues"
+    listed = broker.ctl("list_policies", "-p", VHOST, "--no-table-headers")
+    ((vhost, name, pattern, apply_to, definition, priority),) = table(listed)
+    assert [vhost, name, pattern, apply_to] == [VHOST, policy["name"], policy["pattern"], "queues"]
+    assert json.loads(definition) == policy["definition"]
+    assert int(priority) == policy["priority"]
 
 
 # -- refusals ------------------------------------------------------------------------------------
@@ -309,6 +408,13 @@ def delete_queue(name: str) -> Op:
     return op
 
 
+def delete_exchange(name: str) -> Op:
+    async def op(channel: AbstractChannel) -> None:
+        await channel.exchange_delete(name)
+
+    return op
+
+
 def bind_reply_queue_to(exchange: str) -> Op:
     """Declare a reply queue of one's own (allowed for a client), then bind it to ``exchange``."""
 
@@ -331,6 +437,13 @@ FORBIDDEN: list[tuple[str, str, Op, type[Exception]]] = [
     ("client", "consume the dead-letter queue", consume(TOPO.dead_letter_queue), REFUSED),
     ("client", "read the journal", consume(TOPO.journal_queue), REFUSED),
     ("client", "delete the dead-letter queue", delete_queue(TOPO.dead_letter_queue), REFUSED),
+    ("client", "delete tasks.submit", delete_queue(TOPO.submit_queue), REFUSED),
+    (
+        "client",
+        "declare tasks.submit",
+        declare_queue(TOPO.submit_queue, durable=True, arguments=QUORUM),
+        REFUSED,
+    ),
     (
         "client",
         "declare a capability queue",
@@ -347,6 +460,16 @@ FORBIDDEN: list[tuple[str, str, Op, type[Exception]]] = [
     ("worker", "consume the dead-letter queue", consume(TOPO.dead_letter_queue), REFUSED),
     ("worker", "read the journal", consume(TOPO.journal_queue), REFUSED),
     ("worker", "cancel tasks", publish(TOPO.control_exchange), REFUSED),
+    ("worker", "delete tasks.submit", delete_queue(TOPO.submit_queue), REFUSED),
+    ("worker", "delete the results queue", delete_queue(TOPO.results_queue), REFUSED),
+    ("worker", "delete the dead-letter queue", delete_queue(TOPO.dead_letter_queue), REFUSED),
+    ("worker", "delete the tasks exchange", delete_exchange(TOPO.tasks_exchange), REFUSED),
+    (
+        "worker",
+        "declare the results queue",
+        declare_queue(TOPO.results_queue, durable=True, arguments=QUORUM),
+        REFUSED,
+    ),
     (
         "worker",
         "declare a reply queue",

@@ -104,10 +104,22 @@ class Worker:
         try:
             channel = await transport.confirm_channel(self._conn, prefetch=self.concurrency)
             self._channel = channel
-            await self.topology.declare_core(channel)
+            topo = self.topology
+            # What it uses but the scheduler owns is only checked (created if missing, which a
+            # worker with its role's permissions may not do); declare_control_queue and
+            # declare_capability check the control and tasks exchanges. It declares what it owns.
+            for name in (
+                topo.results_queue,
+                topo.registry_exchange,
+                topo.dead_letter_exchange,
+                topo.delay_exchange,
+            ):
+                await topo.ensure(channel, name)
             transport.on_reconnect(self._conn, self.metrics.reconnects.inc)
             self._default = channel.default_exchange
-            self._registry = await channel.get_exchange(self.topology.registry_exchange)
+            self._registry = await channel.get_exchange(
+                self.topology.registry_exchange, ensure=False
+            )
             control = await self.topology.declare_control_queue(channel, self.worker_id)
             await control.consume(self._on_control, no_ack=True)
             queues = [await self.topology.declare_capability(channel, n) for n in self.handlers]
@@ -125,6 +137,9 @@ class Worker:
                     self._on_task, arguments={"x-consumer-timeout": ack_timeout}
                 )
                 self._consumers.append((queue, tag))
+        except BrokerError:
+            await self._conn.close()
+            raise
         except transport.BROKER_ERRORS as exc:
             await self._conn.close()
             raise BrokerError(f"worker could not set up its topology: {exc}") from exc
@@ -391,7 +406,7 @@ class Worker:
         scheduler; then ack. A crash in between runs the attempt again, never loses it."""
         assert self._channel is not None
         await self.topology.declare_delay(self._channel, delay_ms)
-        exchange = await self._channel.get_exchange(self.topology.delay_exchange)
+        exchange = await self._channel.get_exchange(self.topology.delay_exchange, ensure=False)
         nxt = task.model_copy(update={"attempt": task.attempt + 1})
         await transport.publish(
             exchange,
@@ -477,7 +492,7 @@ class Worker:
         task: TaskMessage | None = None,
     ) -> None:
         assert self._channel is not None
-        dlx = await self._channel.get_exchange(self.topology.dead_letter_exchange)
+        dlx = await self._channel.get_exchange(self.topology.dead_letter_exchange, ensure=False)
         await transport.publish(
             dlx,
             transport.dead_letter_message(
