@@ -310,6 +310,7 @@ class RetryingEvent(_Reply):
     worker_id: str
     error: ErrorInfo
     delay: float
+    started_at: float | None = Field(default=None, description="When the failed attempt began.")
 
 
 class CancelNotice(_Reply):

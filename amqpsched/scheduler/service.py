@@ -299,9 +299,14 @@ class Scheduler:
         if known is not None:
             # The same task again (a redelivery, a client retry, an idempotency key): it runs
             # once, and every submission gets its answer.
+            same = (reply_to, corr) == (known.reply_to, known.correlation_id)
             if known.answer is not None:
-                await self.outbox.answer([(reply_to, corr)], known.answer)
-            elif (reply_to, corr) != (known.reply_to, known.correlation_id):
+                # A redelivery of the very submission that was answered (its scheduler died
+                # before the ack) must not answer twice; any other asker gets the answer.
+                if not (msg.redelivered and same):
+                    body = encode(known.answer)
+                    await self.outbox.send(reply_to, corr, Kind.ANSWER, body)
+            elif not same:
                 known.watchers.append((reply_to, corr))
             await transport.settle(msg)
             return
@@ -421,6 +426,10 @@ class Scheduler:
         if record is None or record.final or is_fenced(record, ev.attempt):
             return
         self.metrics.retries.labels(record.capability).inc()
+        if record.attempts == 0 and ev.started_at is not None:
+            self.metrics.queue_wait.labels(record.capability).observe(
+                max(ev.started_at - record.submitted_at, 0.0)
+            )
         record.state = TaskState.RETRYING
         record.attempts = ev.attempt
         record.attempt = ev.attempt + 1
@@ -444,6 +453,11 @@ class Scheduler:
                 log.info("outcome of superseded attempt %d of %s fenced", ev.attempt, ev.task_id)
             await transport.settle(msg)
             return
+        if record is not None and record.attempts == 0 and ev.started_at is not None:
+            # No `started` came (a short task): its queue wait is known from the outcome.
+            self.metrics.queue_wait.labels(ev.capability).observe(
+                max(ev.started_at - record.submitted_at, 0.0)
+            )
         answer = Answer(
             task_id=ev.task_id,
             status=ev.status,

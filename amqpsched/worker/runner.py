@@ -43,6 +43,9 @@ from .app import Handler, InvalidPayload, InvalidResult, WorkerApp, to_json
 
 log = logging.getLogger("amqpsched.worker")
 
+#: Seconds an attempt runs before the worker tells the scheduler it started.
+STARTED_DELAY = 0.05
+
 
 class Worker:
     """Runs ``app``'s handlers for ``capabilities``. ``async with Worker(...)`` starts it;
@@ -305,25 +308,26 @@ class Worker:
         if handler is None:  # only if a queue is shared with another app's capability
             await self._dead_letter(msg, "no_handler", f"no handler for {task.capability!r}")
             return
-        # The handler starts while the broker confirms `started`. The outcome, published later
-        # on the same channel, reaches the results queue after it.
-        started = asyncio.ensure_future(
-            self._publish_event(
-                Kind.STARTED,
-                StartedEvent(
-                    task_id=task.task_id,
-                    attempt=task.attempt,
-                    worker_id=self.worker_id,
-                    started_at=started_at,
-                ),
-            )
-        )
+        # `started` is sent only if the attempt is still running after STARTED_DELAY: a short
+        # task's outcome says all it would (one message less per task, under load).
+        started = asyncio.ensure_future(self._announce_start(task, started_at))
         try:
-            await self._attempt(msg, task, handler, started_at, hold)
+            await self._attempt(msg, task, handler, started_at, hold, started)
         finally:
+            started.cancel()
             (failed,) = await asyncio.gather(started, return_exceptions=True)
-            if isinstance(failed, BaseException):
+            if isinstance(failed, Exception):
                 log.warning("`started` of task %s was not confirmed: %s", task.task_id, failed)
+
+    async def _announce_start(self, task: TaskMessage, started_at: float) -> None:
+        await asyncio.sleep(STARTED_DELAY)
+        event = StartedEvent(
+            task_id=task.task_id,
+            attempt=task.attempt,
+            worker_id=self.worker_id,
+            started_at=started_at,
+        )
+        await asyncio.shield(self._publish_event(Kind.STARTED, event))
 
     async def _attempt(
         self,
@@ -332,6 +336,7 @@ class Worker:
         handler: Handler,
         started_at: float,
         hold: _Hold,
+        started: asyncio.Future[None],
     ) -> None:
         result: Any = None
         error: ErrorInfo | None = None
@@ -352,6 +357,8 @@ class Worker:
             error = _error(ErrorType.CANCELLED, "cancelled while running")
         except Exception as exc:
             error = _error(ErrorType.HANDLER_ERROR, str(exc) or repr(exc), exc)
+        if not started.done():
+            started.cancel()  # finished before `started` was due: the outcome tells it all
         self.executed += 1
         self.metrics.execution.labels(task.capability).observe(time.monotonic() - clock)
         if error is None:
@@ -378,7 +385,7 @@ class Worker:
                 )
             await self._report(msg, task, started_at, error)
         else:
-            await self._retry(msg, task, error, delay_ms)
+            await self._retry(msg, task, error, delay_ms, started_at)
 
     async def _run(
         self, task_id: str, handler: Handler, payload: Any, limit: float | None, hold: _Hold
@@ -400,7 +407,12 @@ class Worker:
                 hold.thread = None  # finished in time: its slot is free
 
     async def _retry(
-        self, msg: IncomingMessage, task: TaskMessage, error: ErrorInfo, delay_ms: int
+        self,
+        msg: IncomingMessage,
+        task: TaskMessage,
+        error: ErrorInfo,
+        delay_ms: int,
+        started_at: float,
     ) -> None:
         """Hand the next attempt to the broker, which holds it ``delay_ms``; then tell the
         scheduler; then ack. A crash in between runs the attempt again, never loses it."""
@@ -428,6 +440,7 @@ class Worker:
                 worker_id=self.worker_id,
                 error=error,
                 delay=delay_ms / 1000,
+                started_at=started_at,
             ),
         )
         await transport.settle(msg)
