@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 from prometheus_client import CollectorRegistry
 
-from . import transport
+from . import tracing, transport
 from .errors import (
     AmqpschedError,
     BrokerError,
@@ -179,7 +179,11 @@ class Client:
             fut.set_result(_Reply(msg.type or "", msg.body))
 
     async def _request(
-        self, kind: Kind, body: dict[str, Any], correlation_id: str | None = None
+        self,
+        kind: Kind,
+        body: dict[str, Any],
+        correlation_id: str | None = None,
+        traceparent: str | None = None,
     ) -> tuple[str, asyncio.Future[_Reply]]:
         if self._default is None:
             raise AmqpschedError("client is not connected; use 'async with Client()'")
@@ -192,6 +196,7 @@ class Client:
             correlation_id=corr,
             reply_to=self._reply_queue,
             message_id=body.get("task_id"),
+            headers=tracing.headers(traceparent),
         )
         try:
             await transport.publish(self._default, msg, self.topology.submit_queue, mandatory=True)
@@ -221,13 +226,16 @@ class Client:
         time_limit: float | None = None,
         retry: RetryOverride | dict[str, Any] | None = None,
         idempotency_key: str | None = None,
+        traceparent: str | None = None,
     ) -> TaskHandle:
         """Submit a task; its answer is pushed to this client. Returns at once with a handle.
 
         ``timeout``: seconds within which the answer is due; ``time_limit``: seconds one attempt
         may run; ``retry``: overrides of the capability's retry policy (``max_attempts``,
         ``backoff``, ``backoff_max``, ``multiplier``, ``jitter``, ``retry_on``);
-        ``idempotency_key``: submissions with the same key get the same task and answer."""
+        ``idempotency_key``: submissions with the same key get the same task and answer;
+        ``traceparent``: the W3C trace context to continue (default: the active OpenTelemetry
+        span's, else a new trace)."""
         task_id = task_id or uuid.uuid4().hex
         body: dict[str, Any] = {"capability": capability, "payload": payload, "task_id": task_id}
         if timeout is not None:
@@ -239,7 +247,14 @@ class Client:
             body["retry"] = override.model_dump(mode="json", exclude_none=True)
         if idempotency_key is not None:
             body["idempotency_key"] = idempotency_key
-        _, fut = await self._request(Kind.SUBMIT, body)
+        with tracing.span(
+            "amqpsched.submit",
+            tracing.valid(traceparent),
+            kind=tracing.PRODUCER,
+            attributes={"amqpsched.task_id": task_id, "amqpsched.capability": capability},
+            create=True,
+        ) as span:
+            _, fut = await self._request(Kind.SUBMIT, body, traceparent=span.traceparent)
         return TaskHandle(self, task_id, fut, timeout or self.settings.default_timeout)
 
     async def call(self, capability: str, payload: Any, **options: Any) -> Any:

@@ -10,6 +10,7 @@ from typing import Protocol
 from prometheus_client import CollectorRegistry
 
 from .health import HealthServer
+from .logs import JsonFormatter, TextFormatter
 from .settings import Settings
 
 log = logging.getLogger("amqpsched")
@@ -23,10 +24,14 @@ class Service(Protocol):
 
 
 def setup_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    """Log to stderr: one JSON object per line with ``log_json``, else plain text; both carry
+    the task a line is about (``logs.task_context``)."""
+    handler = logging.StreamHandler()
+    if settings.log_json:
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler])
     logging.getLogger("aio_pika").setLevel(logging.WARNING)
     logging.getLogger("aiormq").setLevel(logging.WARNING)
 

@@ -117,6 +117,11 @@ class Settings(BaseSettings):
         description="Port for /metrics, /livez and /readyz (unset: not served).",
     )
     log_level: str = Field(default="INFO", description="Logging level: DEBUG, INFO, WARNING...")
+    log_json: bool = Field(
+        default=False,
+        description="Log one JSON object per line, with task_id, capability, attempt, worker_id "
+        "and trace_id when a line is about a task.",
+    )
 
     def amqp_url_masked(self) -> str:
         return mask_url(self.amqp_url.get_secret_value())

@@ -11,7 +11,7 @@ from typing import Any
 from aio_pika.abc import AbstractChannel
 from prometheus_client import Counter
 
-from .. import transport
+from .. import tracing, transport
 from ..errors import BrokerError
 from ..protocol import Answer, CancelNotice, ErrorInfo, ErrorType, Kind, Status, TaskMessage, encode
 from ..topology import JOURNAL_KEY, Topology
@@ -58,32 +58,41 @@ class Outbox:
         self.topology = topology
         self._locks: dict[str, asyncio.Lock] = {}
 
-    async def send(self, reply_to: str, corr: str, kind: Kind, body: bytes) -> None:
+    async def send(
+        self, reply_to: str, corr: str, kind: Kind, body: bytes, traceparent: str | None = None
+    ) -> None:
         await transport.publish(
             self.channel.default_exchange,
-            transport.message(body, kind, correlation_id=corr),
+            transport.message(
+                body, kind, correlation_id=corr, headers=tracing.headers(traceparent)
+            ),
             reply_to,
         )
 
-    async def answer(self, targets: list[tuple[str, str]], answer: Answer) -> None:
+    async def answer(
+        self, targets: list[tuple[str, str]], answer: Answer, traceparent: str | None = None
+    ) -> None:
         """Send the final answer to every target and, by the same publish as the first target's,
         to the journal: an answer is journaled exactly when it is sent."""
         body = encode(answer)
         journal = self.topology.journal_queue
         first, rest = (targets[0], targets[1:]) if targets else (None, [])
-        sends = [self.send(r, c, Kind.ANSWER, body) for r, c in rest]
+        sends = [self.send(r, c, Kind.ANSWER, body, traceparent) for r, c in rest]
         if first is not None and not first[0].startswith(DIRECT_REPLY_TO):
             msg = transport.message(
-                body, Kind.ANSWER, correlation_id=first[1], headers={"BCC": [journal]}
+                body,
+                Kind.ANSWER,
+                correlation_id=first[1],
+                headers=tracing.headers(traceparent, {"BCC": [journal]}),
             )
             sends.append(transport.publish(self.channel.default_exchange, msg, first[0]))
         else:
             if first is not None:  # direct reply-to takes no BCC: journal it on its own
-                sends.append(self.send(first[0], first[1], Kind.ANSWER, body))
-            sends.append(self.send(journal, "", Kind.ANSWER, body))
+                sends.append(self.send(first[0], first[1], Kind.ANSWER, body, traceparent))
+            sends.append(self.send(journal, "", Kind.ANSWER, body, traceparent))
         await asyncio.gather(*sends)
 
-    async def dispatch(self, task: TaskMessage) -> None:
+    async def dispatch(self, task: TaskMessage, traceparent: str | None = None) -> None:
         """Publish ``task`` to its capability queue and, by the same publish, to the journal."""
         await self._ensure_capability(task.capability)
         exchange = await self.channel.get_exchange(self.topology.tasks_exchange, ensure=False)
@@ -95,7 +104,7 @@ class Outbox:
                     Kind.TASK,
                     message_id=task.task_id,
                     correlation_id=task.correlation_id,
-                    headers={"BCC": [JOURNAL_KEY]},
+                    headers=tracing.headers(traceparent, {"BCC": [JOURNAL_KEY]}),
                 ),
                 task.capability,
                 mandatory=True,

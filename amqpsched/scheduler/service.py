@@ -13,7 +13,7 @@ from aio_pika.abc import AbstractRobustConnection
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
-from .. import transport
+from .. import logs, tracing, transport
 from ..errors import AmqpschedError, BrokerError, DecodeError
 from ..metrics import RegistryCollector, SchedulerMetrics
 from ..protocol import (
@@ -305,13 +305,36 @@ class Scheduler:
                 # before the ack) must not answer twice; any other asker gets the answer.
                 if not (msg.redelivered and same):
                     body = encode(known.answer)
-                    await self.outbox.send(reply_to, corr, Kind.ANSWER, body)
+                    await self.outbox.send(reply_to, corr, Kind.ANSWER, body, known.traceparent)
             elif not same:
                 known.watchers.append((reply_to, corr))
             await transport.settle(msg)
             return
+        task_id = req.task_id or uuid.uuid4().hex
+        traceparent = tracing.from_headers(msg.headers)
+        with (
+            logs.task_context(task_id, req.capability, 1, traceparent=traceparent),
+            tracing.span(
+                "amqpsched.dispatch",
+                traceparent,
+                kind=tracing.PRODUCER,
+                attributes={"amqpsched.task_id": task_id, "amqpsched.capability": req.capability},
+            ) as span,
+        ):
+            await self._dispatch_new(msg, req, task_id, now, timeout, span.traceparent)
+
+    async def _dispatch_new(
+        self,
+        msg: IncomingMessage,
+        req: SubmitRequest,
+        task_id: str,
+        now: float,
+        timeout: float,
+        traceparent: str | None,
+    ) -> None:
+        reply_to, corr = msg.reply_to or "", msg.correlation_id or ""
         task = TaskMessage(
-            task_id=req.task_id or uuid.uuid4().hex,
+            task_id=task_id,
             capability=req.capability,
             payload=req.payload,
             attempt=1,
@@ -332,10 +355,11 @@ class Scheduler:
             deadline=task.deadline,
             task=task,
             idempotency_key=req.idempotency_key,
+            traceparent=traceparent,
         )
         self.store.add(record)
         try:
-            await self.outbox.dispatch(task)  # journaled by the same publish
+            await self.outbox.dispatch(task, traceparent)  # journaled by the same publish
         except AmqpschedError:
             self.store.forget(task.task_id)  # not dispatched: the redelivery starts afresh
             raise
@@ -351,7 +375,7 @@ class Scheduler:
         record = self.store.get(query.task_id)
         if kind == Kind.RESULT and record is not None:
             if record.answer is not None:
-                await self.outbox.answer([(reply_to, corr)], record.answer)
+                await self.outbox.answer([(reply_to, corr)], record.answer, record.traceparent)
             else:
                 record.watchers.append((reply_to, corr))
             return
@@ -445,6 +469,15 @@ class Scheduler:
         )
 
     async def _on_outcome(self, msg: IncomingMessage, ev: OutcomeEvent) -> None:
+        traceparent = tracing.from_headers(msg.headers)
+        with logs.task_context(
+            ev.task_id, ev.capability, ev.attempt, ev.worker_id, traceparent=traceparent
+        ):
+            await self._outcome(msg, ev, traceparent)
+
+    async def _outcome(
+        self, msg: IncomingMessage, ev: OutcomeEvent, traceparent: str | None
+    ) -> None:
         record = self.store.get(ev.task_id)
         if record is not None and (record.final or is_fenced(record, ev.attempt)):
             if is_fenced(record, ev.attempt):
@@ -478,6 +511,8 @@ class Scheduler:
                 submitted_at=ev.submitted_at,
                 deadline=ev.finished_at,
             )
+        if traceparent is not None:
+            record.traceparent = traceparent  # the worker's span: the answer's parent
         await self._finish(record, answer, time.time())
         await transport.settle(msg)
         if ev.started_at is not None:
@@ -516,6 +551,7 @@ class Scheduler:
                 task.correlation_id,
                 task.submitted_at,
                 task.deadline,
+                traceparent=tracing.from_headers(msg.headers),
             )
         if not record.final:
             now = time.time()
@@ -532,7 +568,7 @@ class Scheduler:
         try:
             # Sent and journaled by one publish: after a crash, a restarted scheduler knows
             # exactly which answers went out.
-            await self.outbox.answer([t for t in targets if t[0]], answer)
+            await self.outbox.answer([t for t in targets if t[0]], answer, record.traceparent)
         except AmqpschedError:
             self.store.reopen(record, state, watchers)  # the redelivery will answer it
             record.task = task
@@ -614,7 +650,7 @@ class Scheduler:
         record.state = TaskState.DISPATCHED
         record.task = record.task.model_copy(update={"attempt": record.attempt})
         try:
-            await self.outbox.dispatch(record.task)
+            await self.outbox.dispatch(record.task, record.traceparent)
             self.metrics.dispatched.labels(record.capability).inc()
             self.metrics.redispatched.labels(record.capability).inc()
         except AmqpschedError:

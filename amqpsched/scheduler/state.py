@@ -33,6 +33,8 @@ class TaskRecord:
     finished_at: float | None = None
     #: Extra (reply_to, correlation_id) pairs waiting for the final answer.
     watchers: list[tuple[str, str]] = field(default_factory=list)
+    #: W3C trace context sent on with its dispatches and answer (not journaled).
+    traceparent: str | None = None
 
     @property
     def final(self) -> bool:

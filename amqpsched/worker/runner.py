@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import socket
@@ -18,7 +19,7 @@ from typing import Any, cast
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, AbstractRobustConnection
 from prometheus_client import CollectorRegistry
 
-from .. import transport
+from .. import logs, tracing, transport
 from ..errors import AmqpschedError, BrokerError, ConfigurationError, DecodeError
 from ..metrics import WorkerMetrics
 from ..protocol import (
@@ -257,8 +258,12 @@ class Worker:
             return
         self._in_flight += 1
         hold = _Hold()
+        traceparent = tracing.from_headers(msg.headers)
         try:
-            await self._execute(msg, task, hold)
+            with logs.task_context(
+                task.task_id, task.capability, task.attempt, self.worker_id, traceparent
+            ):
+                await self._execute(msg, task, hold, traceparent)
         except AmqpschedError as exc:
             log.warning("task %s not reported, it will be redelivered: %s", task.task_id, exc)
             await transport.settle(msg, requeue=True)
@@ -295,7 +300,9 @@ class Worker:
                 self._slots.release()
         return got
 
-    async def _execute(self, msg: IncomingMessage, task: TaskMessage, hold: _Hold) -> None:
+    async def _execute(
+        self, msg: IncomingMessage, task: TaskMessage, hold: _Hold, traceparent: str | None
+    ) -> None:
         handler = self.handlers.get(task.capability)
         started_at = time.time()
         if task.task_id in self._cancelled:
@@ -310,9 +317,48 @@ class Worker:
             return
         # `started` is sent only if the attempt is still running after STARTED_DELAY: a short
         # task's outcome says all it would (one message less per task, under load).
+        attributes: dict[str, str | int] = {
+            "amqpsched.task_id": task.task_id,
+            "amqpsched.capability": task.capability,
+            "amqpsched.attempt": task.attempt,
+            "amqpsched.worker_id": self.worker_id,
+        }
+        with tracing.span(
+            "amqpsched.execute", traceparent, kind=tracing.CONSUMER, attributes=attributes
+        ) as span:
+            if span.traceparent != traceparent:  # the execute span's: sent on from here
+                await self._execute_traced(msg, task, handler, started_at, hold, span)
+            else:
+                await self._execute_in_span(msg, task, handler, started_at, hold, span)
+
+    async def _execute_traced(
+        self,
+        msg: IncomingMessage,
+        task: TaskMessage,
+        handler: Handler,
+        started_at: float,
+        hold: _Hold,
+        span: tracing.Span,
+    ) -> None:
+        with logs.task_context(
+            task.task_id, task.capability, task.attempt, self.worker_id, span.traceparent
+        ):
+            await self._execute_in_span(msg, task, handler, started_at, hold, span)
+
+    async def _execute_in_span(
+        self,
+        msg: IncomingMessage,
+        task: TaskMessage,
+        handler: Handler,
+        started_at: float,
+        hold: _Hold,
+        span: tracing.Span,
+    ) -> None:
         started = asyncio.ensure_future(self._announce_start(task, started_at))
         try:
-            await self._attempt(msg, task, handler, started_at, hold, started)
+            error = await self._attempt(msg, task, handler, started_at, hold, started)
+            if error is not None:
+                span.fail(f"{error.type.value}: {error.message}")
         finally:
             started.cancel()
             (failed,) = await asyncio.gather(started, return_exceptions=True)
@@ -337,7 +383,8 @@ class Worker:
         started_at: float,
         hold: _Hold,
         started: asyncio.Future[None],
-    ) -> None:
+    ) -> ErrorInfo | None:
+        """Run the handler once and report; return the attempt's error, if any."""
         result: Any = None
         error: ErrorInfo | None = None
         limit = task.time_limit or handler.time_limit
@@ -363,7 +410,7 @@ class Worker:
         self.metrics.execution.labels(task.capability).observe(time.monotonic() - clock)
         if error is None:
             await self._report(msg, task, started_at, None, result)
-            return
+            return None
         policy = task.retry.apply(handler.retry) if task.retry else handler.retry
         now = time.time()
         delay_ms = None
@@ -386,6 +433,7 @@ class Worker:
             await self._report(msg, task, started_at, error)
         else:
             await self._retry(msg, task, error, delay_ms, started_at)
+        return error
 
     async def _run(
         self, task_id: str, handler: Handler, payload: Any, limit: float | None, hold: _Hold
@@ -395,7 +443,8 @@ class Worker:
             call = asyncio.ensure_future(cast(Awaitable[Any], handler.func(payload)))
         else:
             loop = asyncio.get_running_loop()
-            thread = self._executor.submit(handler.func, payload)
+            # The handler's own log lines carry the task context: run it in a copy.
+            thread = self._executor.submit(contextvars.copy_context().run, handler.func, payload)
             hold.thread = thread
             call = asyncio.wrap_future(thread, loop=loop)
         self._handler_tasks[task_id] = call
@@ -427,7 +476,9 @@ class Worker:
                 Kind.TASK,
                 message_id=task.task_id,
                 correlation_id=task.correlation_id,
-                headers={DELAY_HEADER: str(delay_ms)},
+                headers=tracing.headers(
+                    tracing.current_traceparent(), {DELAY_HEADER: str(delay_ms)}
+                ),
             ),
             task.capability,
             mandatory=True,
@@ -490,7 +541,12 @@ class Worker:
         assert self._default is not None
         await transport.publish(
             self._default,
-            transport.message(encode(event), kind, message_id=event.task_id),
+            transport.message(
+                encode(event),
+                kind,
+                message_id=event.task_id,
+                headers=tracing.headers(tracing.current_traceparent()),
+            ),
             self.topology.results_queue,
             mandatory=True,
         )
