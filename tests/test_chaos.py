@@ -34,7 +34,7 @@ from aio_pika.abc import (
 from amqpsched import BrokerError, Client, TaskFailed, TaskTimeout
 from amqpsched.client import ANSWER_GRACE
 from amqpsched.errors import DecodeError
-from amqpsched.protocol import Answer, decode
+from amqpsched.protocol import Answer, TaskState, decode
 from amqpsched.transport import H_REASON, H_TASK_ID
 
 from .chaos_apps import EXEC_LOG_ENV
@@ -431,13 +431,26 @@ async def test_b_sigstopped_worker_is_declared_dead_and_its_late_results_fenced(
     )
     frozen_id, other_id = worker_id_of(frozen), worker_id_of(other)
     ids = [f"b{i:04d}" for i in range(200)]
+    client = await system.client()
     async with Tally(system) as tally:
-        submitting = asyncio.create_task(submit_all(tally, ids, lambda t: {"id": t, "sleep": 0.1}))
+        submitting = asyncio.create_task(submit_all(tally, ids, lambda t: {"id": t, "sleep": 0.3}))
         await wait_until(
             lambda: tally.answered(ids) >= 20 and len(log.running([frozen.popen.pid])) >= 3,
             30,
             "20 answers while the worker to stop runs tasks",
         )
+
+        # Re-dispatch is for tasks the scheduler knows are running there (a worker reports
+        # `started` once an attempt has run 50 ms): stop it while one of them is.
+        async def one_known_running() -> bool:
+            for task_id in log.running([frozen.popen.pid]):
+                if (await client.status(task_id)).state == TaskState.RUNNING:
+                    return True
+            return False
+
+        async with asyncio.timeout(15):
+            while not await one_known_running():
+                await asyncio.sleep(0.01)
         frozen.popen.send_signal(signal.SIGSTOP)
         stopped_at = time.monotonic()
         try:
