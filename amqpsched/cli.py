@@ -54,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("payload", help="JSON payload")
     p.add_argument("--timeout", type=float)
 
+    p = sub.add_parser("map", help="run a capability on every payload of a file (JSON lines)")
+    _common(p, metrics=False)
+    p.add_argument("capability")
+    p.add_argument("file", help="one JSON payload per line; - for standard input")
+    p.add_argument("--timeout", type=float, help="seconds each task's answer is due within")
+    p.add_argument("--window", type=int, default=1000, help="tasks in flight at most")
+    p.add_argument("--unordered", action="store_true", help="print results as they complete")
+
     p = sub.add_parser("status", help="print a task's status")
     _common(p, metrics=False)
     p.add_argument("task_id")
@@ -133,6 +141,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         worker = Worker(app, args.capability, settings, registry=registry)
         asyncio.run(serve(worker, settings, registry))
         return 0
+    if args.command == "map":
+        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text("utf-8")
+        args.payloads = [json.loads(line) for line in text.splitlines() if line.strip()]
     return asyncio.run(_client_command(args, settings))
 
 
@@ -163,6 +174,8 @@ async def _client_command(args: argparse.Namespace, settings: Settings) -> int:
     from .client import Client
 
     async with Client(settings) as client:
+        if args.command == "map":
+            return await _map_command(client, args)
         if args.command == "call":
             handle = await client.submit(
                 args.capability, json.loads(args.payload), timeout=args.timeout
@@ -178,3 +191,39 @@ async def _client_command(args: argparse.Namespace, settings: Settings) -> int:
                 f"{entry.name:20} workers={entry.workers} slots={entry.slots}  {entry.description}"
             )
         return 0
+
+
+def _progress_bar(done: int, total: int) -> None:
+    width = 40
+    filled = width * done // max(total, 1)
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+    if done == total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+async def _map_command(client: Any, args: argparse.Namespace) -> int:
+    from .errors import TaskFailed
+
+    failed = 0
+    options: dict[str, Any] = {} if args.timeout is None else {"timeout": args.timeout}
+    async for result in client.map(
+        args.capability,
+        args.payloads,
+        ordered=not args.unordered,
+        window=args.window,
+        progress=_progress_bar if sys.stderr.isatty() else None,
+        return_exceptions=True,
+        **options,
+    ):
+        if isinstance(result, TaskFailed):
+            failed += 1
+            print(
+                json.dumps({"error": {"type": result.error_type, "message": result.error_message}})
+            )
+        elif isinstance(result, Exception):
+            failed += 1
+            print(json.dumps({"error": {"type": type(result).__name__, "message": str(result)}}))
+        else:
+            print(json.dumps(result))
+    return 1 if failed else 0

@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -305,6 +305,70 @@ class Client:
 
     async def result(self, task_id: str, *, timeout: float = 60.0) -> Any:
         return answer_value(await self.answer(task_id, timeout=timeout))
+
+    async def map(
+        self,
+        capability: str,
+        payloads: Iterable[Any],
+        *,
+        ordered: bool = True,
+        window: int = 1000,
+        progress: Callable[[int, int], None] | None = None,
+        return_exceptions: bool = False,
+        **options: Any,
+    ) -> AsyncIterator[Any]:
+        """Run ``capability`` on every payload; yield the results in input order (``ordered``)
+        or as they complete. At most ``window`` tasks are in flight; ``progress(done, total)``
+        is called after each answer. A failed task raises its :class:`TaskFailed` when reached,
+        or is yielded as the exception with ``return_exceptions``. Options as for :meth:`submit`.
+        """
+        items = list(payloads)
+        total = len(items)
+        done = 0
+        pending: dict[int, asyncio.Task[Any]] = {}
+        finished: asyncio.Queue[int] = asyncio.Queue()
+        nxt = 0  # next input to submit
+        out = 0  # next index to yield, when ordered
+
+        async def one(index: int) -> Any:
+            try:
+                handle = await self.submit(capability, items[index], **options)
+                return await handle.result()
+            finally:
+                finished.put_nowait(index)
+
+        def fill() -> None:
+            nonlocal nxt
+            while nxt < total and len(pending) < window:
+                pending[nxt] = asyncio.ensure_future(one(nxt))
+                nxt += 1
+
+        def value(task: asyncio.Task[Any]) -> Any:
+            error = task.exception()
+            if error is None:
+                return task.result()
+            if return_exceptions and isinstance(error, AmqpschedError):
+                return error
+            raise error
+
+        completed: dict[int, asyncio.Task[Any]] = {}
+        try:
+            fill()
+            while done < total:
+                index = await finished.get()
+                completed[index] = pending.pop(index)
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+                fill()
+                if not ordered:
+                    yield value(completed.pop(index))
+                while ordered and out in completed:
+                    yield value(completed.pop(out))
+                    out += 1
+        finally:
+            for task in pending.values():
+                task.cancel()
 
     async def capabilities(self, *, timeout: float = 10.0) -> list[CatalogEntry]:
         """The live catalog: each capability with its description, schema and workers."""

@@ -147,7 +147,7 @@ class AmqpschedMap(Amqpsched):
         payloads = [payload] * w.tasks
         started = time.perf_counter()
         results = await _collect(
-            self.client.map(CAPABILITY, payloads, timeout=TASK_TIMEOUT)  # type: ignore[attr-defined]
+            self.client.map(CAPABILITY, payloads, timeout=TASK_TIMEOUT)
         )
         elapsed = time.perf_counter() - started
         if len(results) != w.tasks or any(r != payload for r in results):
