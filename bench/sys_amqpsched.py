@@ -146,9 +146,7 @@ class AmqpschedMap(Amqpsched):
         assert self.client is not None
         payloads = [payload] * w.tasks
         started = time.perf_counter()
-        results = await _collect(
-            self.client.map(CAPABILITY, payloads, timeout=TASK_TIMEOUT)
-        )
+        results = await _collect(self.client.map(CAPABILITY, payloads, timeout=TASK_TIMEOUT))
         elapsed = time.perf_counter() - started
         if len(results) != w.tasks or any(r != payload for r in results):
             raise BenchError(f"map answered {len(results)} result(s), not {w.tasks} echoes")
