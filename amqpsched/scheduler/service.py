@@ -187,21 +187,7 @@ class Scheduler:
             return
         # New, or a later dispatch of a finished id: a replay from the dead-letter queue.
         if known is None or task.submitted_at >= (known.finished_at or 0.0):
-            self.store.add(
-                TaskRecord(
-                    task_id=task.task_id,
-                    capability=task.capability,
-                    reply_to=task.reply_to,
-                    correlation_id=task.correlation_id,
-                    submitted_at=task.submitted_at,
-                    deadline=task.deadline,
-                    state=TaskState.DISPATCHED,
-                    attempt=task.attempt,
-                    task=task,
-                    idempotency_key=task.idempotency_key,
-                    recovered=True,
-                )
-            )
+            self.store.add(TaskRecord.of(task, state=TaskState.DISPATCHED, recovered=True))
 
     @property
     def ready(self) -> bool:
@@ -346,17 +332,7 @@ class Scheduler:
             retry=req.retry,
             idempotency_key=req.idempotency_key,
         )
-        record = TaskRecord(
-            task_id=task.task_id,
-            capability=req.capability,
-            reply_to=reply_to,
-            correlation_id=corr,
-            submitted_at=now,
-            deadline=task.deadline,
-            task=task,
-            idempotency_key=req.idempotency_key,
-            traceparent=traceparent,
-        )
+        record = TaskRecord.of(task, traceparent=traceparent)
         self.store.add(record)
         try:
             await self.outbox.dispatch(task, traceparent)  # journaled by the same publish

@@ -5,7 +5,7 @@ from __future__ import annotations
 import heapq
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..protocol import Answer, ErrorType, Status, TaskMessage, TaskState
 
@@ -35,6 +35,22 @@ class TaskRecord:
     watchers: list[tuple[str, str]] = field(default_factory=list)
     #: W3C trace context sent on with its dispatches and answer (not journaled).
     traceparent: str | None = None
+
+    @classmethod
+    def of(cls, task: TaskMessage, **fields: Any) -> TaskRecord:
+        """The record of a dispatched ``task``."""
+        return cls(
+            task_id=task.task_id,
+            capability=task.capability,
+            reply_to=task.reply_to,
+            correlation_id=task.correlation_id,
+            submitted_at=task.submitted_at,
+            deadline=task.deadline,
+            attempt=task.attempt,
+            task=task,
+            idempotency_key=task.idempotency_key,
+            **fields,
+        )
 
     @property
     def final(self) -> bool:
