@@ -83,11 +83,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--log-dir", type=Path, help="keep the processes' logs here (default: a tmp dir)"
     )
+    p.add_argument(
+        "--scale",
+        action="store_true",
+        help="run only the scale test (issue #6): scheduler RSS with --scale-tasks tasks waiting "
+        "for a capability no worker serves, its CPU with --scale-workers simulated workers "
+        "heartbeating",
+    )
+    p.add_argument(
+        "--scale-tasks", type=int, default=1_000_000, help="waiting tasks (default 1,000,000)"
+    )
+    p.add_argument(
+        "--scale-workers", type=int, default=1_000, help="simulated workers (default 1,000)"
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.scale:
+        from .scale import run_scale
+
+        try:
+            return asyncio.run(run_scale(args))
+        except KeyboardInterrupt:
+            return 130
     names = [n.strip() for n in args.systems.split(",") if n.strip()]
     unknown = [n for n in names if n not in SYSTEMS]
     if unknown or not names:
