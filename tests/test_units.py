@@ -17,11 +17,13 @@ from amqpsched.protocol import (
     RetryPolicy,
     Status,
     SubmitRequest,
+    TaskMessage,
     TaskState,
     WorkerAnnouncement,
     decode,
 )
 from amqpsched.retry import DELAY_STEPS_MS, backoff_delay, delay_step, retry_delay
+from amqpsched.scheduler.recovery import apply_answer, apply_dispatch, apply_entry
 from amqpsched.scheduler.registry import WorkerRegistry
 from amqpsched.scheduler.state import MemoryTaskStore, TaskRecord, is_fenced, timeout_error
 from amqpsched.schemas import check_or_write, rendered
@@ -347,3 +349,53 @@ def test_idempotency_keys_expire_with_their_window() -> None:
     store.add(rec)
     assert store.by_key("k", now=4.0) is rec
     assert store.by_key("k", now=6.0) is None
+
+
+# -- journal recovery -----------------------------------------------------------------------------
+
+
+def _task(task_id: str, attempt: int = 1, submitted_at: float = 1.0) -> TaskMessage:
+    return TaskMessage(
+        task_id=task_id,
+        capability="echo",
+        payload=1,
+        attempt=attempt,
+        submitted_at=submitted_at,
+        deadline=submitted_at + 60,
+        reply_to="r",
+        correlation_id="c",
+        idempotency_key="k-" + task_id,
+    )
+
+
+def test_recovery_rebuilds_dispatched_answered_and_cancelled_tasks() -> None:
+    store = MemoryTaskStore(retention=1000, max_size=100)
+    cancels: dict[str, float] = {}
+    apply_entry(store, cancels, "task", _task("a").model_dump_json().encode())
+    apply_entry(store, cancels, "task", _task("b").model_dump_json().encode())
+    answer = Answer(task_id="b", status=Status.SUCCEEDED, result=2, attempts=1, finished_at=5.0)
+    apply_entry(store, cancels, "answer", answer.model_dump_json().encode())
+    apply_entry(store, cancels, "record", b'{"k": "cancelled", "task_id": "a", "until": 61.0}')
+    a, b = store.get("a"), store.get("b")
+    assert a is not None and b is not None
+    assert a.state == TaskState.DISPATCHED and a.recovered and a.task is not None
+    assert store.by_key("k-a", now=2.0) is a
+    assert b.final and b.answer == answer
+    assert cancels == {"a": 61.0}
+
+
+def test_recovery_keeps_the_latest_attempt_and_a_replays_new_run() -> None:
+    store = MemoryTaskStore(retention=1000, max_size=100)
+    apply_dispatch(store, _task("a", attempt=1))
+    apply_dispatch(store, _task("a", attempt=2))
+    apply_dispatch(store, _task("a", attempt=1))  # an older entry read later changes nothing
+    record = store.get("a")
+    assert record is not None and record.attempt == 2
+    apply_answer(store, Answer(task_id="a", status=Status.FAILED, finished_at=10.0))
+    # A replay from the dead-letter queue: a newer dispatch of the finished id runs anew...
+    apply_dispatch(store, _task("a", submitted_at=20.0))
+    replayed = store.get("a")
+    assert replayed is not None and not replayed.final
+    # ...and the first run's answer, read again, does not end it.
+    apply_answer(store, Answer(task_id="a", status=Status.FAILED, finished_at=10.0))
+    assert not replayed.final

@@ -4,7 +4,6 @@ answers clients. Decisions live in ``registry`` and ``state``; this module moves
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -40,6 +39,7 @@ from ..topology import Topology
 from ..transport import IncomingMessage
 from .journal import Journal, cancelled, replay
 from .outbox import Outbox, failure
+from .recovery import apply_entry
 from .registry import WorkerRegistry
 from .state import MemoryTaskStore, TaskRecord, is_fenced, timeout_error
 
@@ -157,37 +157,7 @@ class Scheduler:
         return self._journal
 
     def _apply(self, kind: str, body: bytes) -> None:
-        """One journal entry, replayed at start: a dispatch, an answer, or a JSON record."""
-        if kind == Kind.TASK:
-            self._apply_dispatch(decode_event(TaskMessage, body))
-        elif kind == Kind.ANSWER:
-            answer = decode_event(Answer, body)
-            if answer.task_id is None:
-                return
-            at = answer.finished_at or time.time()
-            known = self.store.get(answer.task_id)
-            if known is None:
-                known = TaskRecord(
-                    answer.task_id, answer.capability or "", "", "", answer.submitted_at or at, at
-                )
-            elif known.final and (known.finished_at or 0.0) >= at:
-                return
-            known.attempts = answer.attempts
-            self.store.finish(known, answer, at)
-        else:
-            record = json.loads(body)
-            if record.get("k") == "cancelled":
-                self._cancels[record["task_id"]] = record["until"]
-
-    def _apply_dispatch(self, task: TaskMessage) -> None:
-        known = self.store.get(task.task_id)
-        if known is not None and not known.final:
-            if task.attempt >= known.attempt:  # a re-dispatch
-                known.attempt, known.task = task.attempt, task
-            return
-        # New, or a later dispatch of a finished id: a replay from the dead-letter queue.
-        if known is None or task.submitted_at >= (known.finished_at or 0.0):
-            self.store.add(TaskRecord.of(task, state=TaskState.DISPATCHED, recovered=True))
+        apply_entry(self.store, self._cancels, kind, body)
 
     @property
     def ready(self) -> bool:
