@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -198,6 +199,59 @@ def system_factory(amqp_url: str) -> Callable[..., System]:
     """For tests that need non-default settings: ``system_factory(default_timeout=1)``.
     The caller must ``await s.close()``."""
     return lambda **overrides: System(amqp_url, **overrides)
+
+
+class RawClient:
+    """Publishes raw bytes to tasks.submit the way any AMQP client could, and reads replies."""
+
+    def __init__(self, system: System) -> None:
+        self.system = system
+
+    async def __aenter__(self) -> RawClient:
+        self.conn = await aio_pika.connect(self.system.settings.amqp_url.get_secret_value())
+        self.channel = await self.conn.channel()
+        self.replies = await self.channel.declare_queue(exclusive=True)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.conn.close()
+
+    async def send(
+        self,
+        body: bytes,
+        *,
+        reply: bool = True,
+        type_: str | None = None,
+        headers: dict[str, Any] | None = None,
+    ) -> str:
+        corr = uuid.uuid4().hex
+        await self.channel.default_exchange.publish(
+            aio_pika.Message(
+                body,
+                content_type="application/json",
+                correlation_id=corr,
+                reply_to=self.replies.name if reply else None,
+                type=type_,
+                headers=headers,
+            ),
+            routing_key=self.system.topology.submit_queue,
+        )
+        return corr
+
+    async def reply_message(
+        self, corr: str, timeout: float = 10
+    ) -> aio_pika.abc.AbstractIncomingMessage:
+        async with asyncio.timeout(timeout):
+            while True:
+                msg = await self.replies.get(fail=False, no_ack=True)
+                if msg is None:
+                    await asyncio.sleep(0.02)
+                elif msg.correlation_id == corr:
+                    return msg
+
+    async def reply(self, corr: str, timeout: float = 10) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads((await self.reply_message(corr, timeout)).body)
+        return data
 
 
 class Proc:

@@ -11,7 +11,6 @@ import uuid
 from collections import Counter
 from typing import Any
 
-import aio_pika
 import pytest
 from PIL import Image
 from pydantic import BaseModel
@@ -21,7 +20,7 @@ from amqpsched.protocol import TaskState
 from amqpsched.transport import H_CAPABILITY, H_REASON, H_SOURCE
 from amqpsched.worker.builtin import app as builtin_app
 
-from .conftest import System
+from .conftest import RawClient, System
 
 
 def _png(width: int, height: int) -> str:
@@ -264,46 +263,6 @@ async def test_sync_client_for_scripts(system: System, spawn: Any) -> None:
 
 
 # -- bad input -----------------------------------------------------------------------------------
-
-
-class RawClient:
-    """Publishes raw bytes to tasks.submit the way any AMQP client could."""
-
-    def __init__(self, system: System) -> None:
-        self.system = system
-
-    async def __aenter__(self) -> RawClient:
-        self.conn = await aio_pika.connect(self.system.settings.amqp_url.get_secret_value())
-        self.channel = await self.conn.channel()
-        self.replies = await self.channel.declare_queue(exclusive=True)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.conn.close()
-
-    async def send(self, body: bytes, *, reply: bool = True, type_: str | None = None) -> str:
-        corr = uuid.uuid4().hex
-        await self.channel.default_exchange.publish(
-            aio_pika.Message(
-                body,
-                content_type="application/json",
-                correlation_id=corr,
-                reply_to=self.replies.name if reply else None,
-                type=type_,
-            ),
-            routing_key=self.system.topology.submit_queue,
-        )
-        return corr
-
-    async def reply(self, corr: str, timeout: float = 10) -> dict[str, Any]:
-        async with asyncio.timeout(timeout):
-            while True:
-                msg = await self.replies.get(fail=False, no_ack=True)
-                if msg is None:
-                    await asyncio.sleep(0.02)
-                elif msg.correlation_id == corr:
-                    data: dict[str, Any] = json.loads(msg.body)
-                    return data
 
 
 BAD_INPUTS = [

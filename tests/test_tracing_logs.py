@@ -6,17 +6,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import aio_pika
 import pytest
 
 from amqpsched import TaskFailed, logs, tracing
 from amqpsched.protocol import PROTOCOL_VERSION
 
-from .conftest import Proc, System
+from .conftest import Proc, RawClient, System
 from .trace_apps import app as trace_app
 
 CAPS = ("trace_id", "trace_sync_log", "trace_flaky", "trace_fail")
@@ -108,61 +106,30 @@ def test_traceparent_validation() -> None:
 
 
 # -- (b) traceparent end to end -------------------------------------------------------------------
-class RawSubmitter:
-    """Submits like any AMQP client would, and keeps the answers' messages (with headers)."""
-
-    def __init__(self, system: System) -> None:
-        self.system = system
-
-    async def __aenter__(self) -> RawSubmitter:
-        self.conn = await aio_pika.connect(self.system.settings.amqp_url.get_secret_value())
-        self.channel = await self.conn.channel()
-        self.replies = await self.channel.declare_queue(exclusive=True)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.conn.close()
-
-    async def call(
-        self, capability: str, payload: Any, headers: dict[str, Any]
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The answer's body and headers."""
-        corr = uuid.uuid4().hex
-        body = {"v": PROTOCOL_VERSION, "capability": capability, "payload": payload, "timeout": 20}
-        await self.channel.default_exchange.publish(
-            aio_pika.Message(
-                json.dumps(body).encode(),
-                content_type="application/json",
-                correlation_id=corr,
-                reply_to=self.replies.name,
-                type="submit",
-                headers=headers,
-            ),
-            routing_key=self.system.topology.submit_queue,
-        )
-        async with asyncio.timeout(20):
-            while True:
-                msg = await self.replies.get(fail=False, no_ack=True)
-                if msg is None:
-                    await asyncio.sleep(0.02)
-                elif msg.correlation_id == corr:
-                    return json.loads(msg.body), dict(msg.headers or {})
+async def raw_call(
+    raw: RawClient, capability: str, payload: Any, headers: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Submit as any AMQP client would; the answer's body and headers."""
+    body = {"v": PROTOCOL_VERSION, "capability": capability, "payload": payload, "timeout": 20}
+    corr = await raw.send(json.dumps(body).encode(), type_="submit", headers=headers)
+    msg = await raw.reply_message(corr, timeout=20)
+    return json.loads(msg.body), dict(msg.headers or {})
 
 
 async def test_traceparent_travels_end_to_end(system: System) -> None:
     system.capabilities.update(CAPS)
     await system.scheduler()
     await system.worker(*CAPS, app=trace_app)
-    async with RawSubmitter(system) as raw:
+    async with RawClient(system) as raw:
         for capability in ("trace_id", "trace_sync_log", "trace_flaky"):
             tp = tracing.new_traceparent()
-            answer, headers = await raw.call(capability, capability, {"traceparent": tp})
+            answer, headers = await raw_call(raw, capability, capability, {"traceparent": tp})
             assert answer["status"] == "succeeded", answer
             assert answer["result"] == tp[3:35], capability  # what the handler saw
             back = tracing.valid(headers.get("traceparent"))
             assert back is not None and back[3:35] == tp[3:35], headers
         # A malformed traceparent is dropped: the task runs, in no trace.
-        answer, headers = await raw.call("trace_id", 1, {"traceparent": "00-nonsense"})
+        answer, headers = await raw_call(raw, "trace_id", 1, {"traceparent": "00-nonsense"})
         assert answer["status"] == "succeeded", answer
         if not tracing.enabled():  # with OpenTelemetry, the dispatch span starts a new trace
             assert answer["result"] is None

@@ -326,24 +326,16 @@ class Worker:
         with tracing.span(
             "amqpsched.execute", traceparent, kind=tracing.CONSUMER, attributes=attributes
         ) as span:
-            if span.traceparent != traceparent:  # the execute span's: sent on from here
-                await self._execute_traced(msg, task, handler, started_at, hold, span)
-            else:
+            # A new execute span's traceparent is the one logged and sent on from here.
+            context = (
+                logs.task_context(
+                    task.task_id, task.capability, task.attempt, self.worker_id, span.traceparent
+                )
+                if span.traceparent != traceparent
+                else contextlib.nullcontext()
+            )
+            with context:
                 await self._execute_in_span(msg, task, handler, started_at, hold, span)
-
-    async def _execute_traced(
-        self,
-        msg: IncomingMessage,
-        task: TaskMessage,
-        handler: Handler,
-        started_at: float,
-        hold: _Hold,
-        span: tracing.Span,
-    ) -> None:
-        with logs.task_context(
-            task.task_id, task.capability, task.attempt, self.worker_id, span.traceparent
-        ):
-            await self._execute_in_span(msg, task, handler, started_at, hold, span)
 
     async def _execute_in_span(
         self,
