@@ -126,7 +126,7 @@ class Client:
         self.client_id = client_id or uuid.uuid4().hex
         self._conn: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
-        self._default: AbstractExchange | None = None
+        self._submit: AbstractExchange | None = None
         self._reply_queue = self.topology.reply_queue(self.client_id)
         self._pending: dict[str, asyncio.Future[_Reply]] = {}
 
@@ -143,10 +143,12 @@ class Client:
             self._channel = await transport.confirm_channel(self._conn)
             # The scheduler owns tasks.submit; a client with its role's permissions can only
             # check it exists. Others (guest) create it, so tasks wait for a scheduler.
-            await self.topology.ensure(self._channel, self.topology.submit_queue)
+            await self.topology.ensure(self._channel, self.topology.submit_exchange)
             queue = await self.topology.declare_reply_queue(self._channel, self.client_id)
             await queue.consume(self._on_reply, no_ack=True)
-            self._default = self._channel.default_exchange
+            self._submit = await self._channel.get_exchange(
+                self.topology.submit_exchange, ensure=False
+            )
         except BrokerError:
             await self._conn.close()
             raise
@@ -185,7 +187,7 @@ class Client:
         correlation_id: str | None = None,
         traceparent: str | None = None,
     ) -> tuple[str, asyncio.Future[_Reply]]:
-        if self._default is None:
+        if self._submit is None:
             raise AmqpschedError("client is not connected; use 'async with Client()'")
         corr = correlation_id or uuid.uuid4().hex
         fut: asyncio.Future[_Reply] = asyncio.get_running_loop().create_future()
@@ -199,7 +201,7 @@ class Client:
             headers=tracing.headers(traceparent),
         )
         try:
-            await transport.publish(self._default, msg, self.topology.submit_queue, mandatory=True)
+            await transport.publish(self._submit, msg, self.topology.submit_queue, mandatory=True)
         except BaseException:
             self._pending.pop(corr, None)
             raise

@@ -344,9 +344,10 @@ async def replay(settings: Settings, dead_ids: list[str] | None) -> ReplayReport
         held: list[IncomingMessage] = []
         try:
             try:
-                await topo.ensure(channel, topo.submit_queue)
+                await topo.ensure(channel, topo.submit_exchange)
+                submit = await channel.get_exchange(topo.submit_exchange, ensure=False)
             except transport.BROKER_ERRORS as exc:
-                raise BrokerError(f"cannot declare {topo.submit_queue!r}: {exc}") from exc
+                raise BrokerError(f"cannot declare {topo.submit_exchange!r}: {exc}") from exc
             queue = await channel.get_queue(topo.dead_letter_queue, ensure=False)
             selected: list[tuple[str, IncomingMessage]] = []
             # Take the queue's messages (held unacked, so none comes twice) until every id
@@ -370,9 +371,7 @@ async def replay(settings: Settings, dead_ids: list[str] | None) -> ReplayReport
                 if out is None:
                     skipped.append((dead_id, why))
                     continue
-                await transport.publish(
-                    channel.default_exchange, out, topo.submit_queue, mandatory=True
-                )
+                await transport.publish(submit, out, topo.submit_queue, mandatory=True)
                 try:
                     await msg.ack()
                 except transport.SETTLE_ERRORS as exc:

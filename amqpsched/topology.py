@@ -42,8 +42,15 @@ class Topology:
     # -- names ---------------------------------------------------------------------------------
     @property
     def submit_queue(self) -> str:
-        """Quorum queue the scheduler consumes; clients publish to it via the default exchange."""
+        """Quorum queue the scheduler consumes; clients publish to it through
+        :attr:`submit_exchange`, with the queue's name as routing key."""
         return self._n("tasks.submit")
+
+    @property
+    def submit_exchange(self) -> str:
+        """Direct exchange whose only binding is :attr:`submit_queue` (key: the queue's name). A
+        client needs write on it alone, not on the default exchange that reaches every queue."""
+        return self._n("amqpsched.submit")
 
     @property
     def tasks_exchange(self) -> str:
@@ -61,7 +68,7 @@ class Topology:
             **QUORUM,
             **AT_LEAST_ONCE,
             "x-delivery-limit": self.delivery_limit,
-            "x-dead-letter-exchange": "",
+            "x-dead-letter-exchange": self.events_exchange,
             "x-dead-letter-routing-key": self.results_queue,
         }
 
@@ -86,6 +93,12 @@ class Topology:
     def results_queue(self) -> str:
         """Quorum queue carrying workers' started/outcome events to the scheduler."""
         return self._n("amqpsched.results")
+
+    @property
+    def events_exchange(self) -> str:
+        """Direct exchange whose only binding is :attr:`results_queue` (key: the queue's name):
+        workers publish their events there, and capability queues dead-letter there."""
+        return self._n("amqpsched.events")
 
     @property
     def registry_exchange(self) -> str:
@@ -129,7 +142,13 @@ class Topology:
 
     # -- declarations --------------------------------------------------------------------------
     async def declare_submit(self, channel: AbstractChannel) -> AbstractQueue:
-        return await channel.declare_queue(self.submit_queue, durable=True, arguments=QUORUM)
+        """The submit queue with the exchange that feeds it."""
+        queue = await channel.declare_queue(self.submit_queue, durable=True, arguments=QUORUM)
+        exchange = await channel.declare_exchange(
+            self.submit_exchange, ExchangeType.DIRECT, durable=True
+        )
+        await queue.bind(exchange, routing_key=self.submit_queue)
+        return queue
 
     def _core(self) -> dict[str, tuple[Literal["queue", "exchange"], _Declare]]:
         """The core queues and exchanges, which the scheduler owns: name -> (kind, declaration)."""
@@ -138,7 +157,11 @@ class Topology:
             return lambda channel: channel.declare_exchange(name, kind, durable=True)
 
         async def results(channel: AbstractChannel) -> None:
-            await channel.declare_queue(self.results_queue, durable=True, arguments=QUORUM)
+            queue = await channel.declare_queue(self.results_queue, durable=True, arguments=QUORUM)
+            events = await channel.declare_exchange(
+                self.events_exchange, ExchangeType.DIRECT, durable=True
+            )
+            await queue.bind(events, routing_key=self.results_queue)
 
         async def dead_letters(channel: AbstractChannel) -> None:
             dlx = await channel.declare_exchange(
@@ -149,12 +172,14 @@ class Topology:
             )
             await dead.bind(dlx, routing_key="")
 
+        # An exchange is declared with the queue it feeds: nothing is published to nowhere.
         return {
             self.submit_queue: ("queue", self.declare_submit),
+            self.submit_exchange: ("exchange", self.declare_submit),
             self.tasks_exchange: ("exchange", exchange(self.tasks_exchange, ExchangeType.TOPIC)),
             self.results_queue: ("queue", results),
+            self.events_exchange: ("exchange", results),
             self.registry_exchange: ("exchange", self.declare_registry_exchange),
-            # With the queue it feeds: a dead letter is never published to nowhere.
             self.dead_letter_exchange: ("exchange", dead_letters),
             self.delay_exchange: ("exchange", exchange(self.delay_exchange, ExchangeType.HEADERS)),
             self.control_exchange: (
@@ -166,8 +191,11 @@ class Topology:
     async def declare_core(self, channel: AbstractChannel) -> None:
         """Everything but the capability queues and the journal: idempotent. The scheduler's job;
         other roles :meth:`ensure` what they use."""
+        done: list[_Declare] = []
         for _, declare in self._core().values():
-            await declare(channel)
+            if declare not in done:  # a queue and its exchange share one declaration
+                await declare(channel)
+                done.append(declare)
 
     async def ensure(self, channel: AbstractChannel, name: str) -> None:
         """Make sure the core queue or exchange ``name`` exists; declare it (as
@@ -274,6 +302,8 @@ class Topology:
         ]:
             await channel.queue_delete(name)
         for ex in (
+            self.submit_exchange,
+            self.events_exchange,
             self.tasks_exchange,
             self.registry_exchange,
             self.dead_letter_exchange,

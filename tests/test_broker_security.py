@@ -301,7 +301,8 @@ async def test_scheduler_comes_first(broker: Broker) -> None:
         with pytest.raises(BrokerError) as refused:
             await asyncio.wait_for(Client(settings("client")).connect(), STEP)
         assert str(refused.value) == (
-            "tasks.submit does not exist and this user may not create it: start a scheduler first"
+            "amqpsched.submit does not exist and this user may not create it: "
+            "start a scheduler first"
         )
         worker = Worker(flaky_app, ("echo",), settings("worker"))
         with pytest.raises(BrokerError, match="may not create it: start a scheduler first"):
@@ -431,6 +432,25 @@ LOCKED = aiormq.exceptions.ChannelLockedResource
 #: (role, what it tries, the operation, the refusal). A role's own job is in the test above.
 FORBIDDEN: list[tuple[str, str, Op, type[Exception]]] = [
     ("client", "consume tasks.submit", consume(TOPO.submit_queue), REFUSED),
+    (
+        "client",
+        "bypass the scheduler via the default exchange",
+        publish("", TOPO.capability_queue("echo")),
+        REFUSED,
+    ),
+    (
+        "client",
+        "forge an outcome via the default exchange",
+        publish("", TOPO.results_queue),
+        REFUSED,
+    ),
+    (
+        "client",
+        "forge an outcome via the events exchange",
+        publish(TOPO.events_exchange, TOPO.results_queue),
+        REFUSED,
+    ),
+    ("client", "publish to the dead-letter exchange", publish(TOPO.dead_letter_exchange), REFUSED),
     ("client", "publish to the tasks exchange", publish(TOPO.tasks_exchange, "echo"), REFUSED),
     ("client", "consume a capability queue", consume(TOPO.capability_queue("echo")), REFUSED),
     ("client", "consume the results queue", consume(TOPO.results_queue), REFUSED),
@@ -455,6 +475,9 @@ FORBIDDEN: list[tuple[str, str, Op, type[Exception]]] = [
     ("client", "snoop on worker heartbeats", bind_reply_queue_to(TOPO.registry_exchange), REFUSED),
     ("client", "snoop on dispatched tasks", bind_reply_queue_to(TOPO.tasks_exchange), REFUSED),
     ("worker", "consume tasks.submit", consume(TOPO.submit_queue), REFUSED),
+    ("worker", "forge an answer to a client", publish("", TOPO.reply_queue("x")), REFUSED),
+    ("worker", "submit tasks", publish(TOPO.submit_exchange, TOPO.submit_queue), REFUSED),
+    ("worker", "publish into tasks.submit directly", publish("", TOPO.submit_queue), REFUSED),
     ("worker", "dispatch tasks itself", publish(TOPO.tasks_exchange, "echo"), REFUSED),
     ("worker", "consume the results queue", consume(TOPO.results_queue), REFUSED),
     ("worker", "consume the dead-letter queue", consume(TOPO.dead_letter_queue), REFUSED),

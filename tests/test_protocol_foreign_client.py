@@ -75,11 +75,14 @@ class ForeignClient:
         self.channel: Any = self.connection.channel()
         self.channel.confirm_delivery()  # publisher confirms: basic_publish raises if not routed
         self.submit_queue = name(self.namespace, "tasks.submit")
-        # Declared with exactly the scheduler's arguments: idempotent, and requests sent before
-        # any scheduler runs are kept instead of dropped.
+        self.submit_exchange = name(self.namespace, "amqpsched.submit")
+        # Declared with exactly the scheduler's arguments (section 3.4): idempotent, and requests
+        # sent before any scheduler runs are kept instead of dropped.
         self.channel.queue_declare(
             self.submit_queue, durable=True, arguments={"x-queue-type": "quorum"}
         )
+        self.channel.exchange_declare(self.submit_exchange, "direct", durable=True)
+        self.channel.queue_bind(self.submit_queue, self.submit_exchange, self.submit_queue)
         if self.direct_reply_to:
             self.reply_to = DIRECT_REPLY_TO
         else:
@@ -112,7 +115,7 @@ class ForeignClient:
         correlation_id: str | None,
         reply_to: str | None = "",
     ) -> None:
-        """Publish one request to ``tasks.submit`` through the default exchange."""
+        """Publish one request to ``tasks.submit`` through ``amqpsched.submit``."""
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
         properties = pika.BasicProperties(
             content_type=CONTENT_TYPE,
@@ -121,7 +124,9 @@ class ForeignClient:
             reply_to=self.reply_to if reply_to == "" else reply_to,
             delivery_mode=2,
         )
-        self.channel.basic_publish("", self.submit_queue, raw, properties, mandatory=True)
+        self.channel.basic_publish(
+            self.submit_exchange, self.submit_queue, raw, properties, mandatory=True
+        )
         if correlation_id is not None:
             self._pending.add(correlation_id)
 
@@ -614,7 +619,7 @@ class ForeignWorker:
             arguments={
                 "x-queue-type": "quorum",
                 "x-delivery-limit": 10,
-                "x-dead-letter-exchange": "",
+                "x-dead-letter-exchange": name(ns, "amqpsched.events"),
                 "x-dead-letter-routing-key": name(ns, "amqpsched.results"),
                 "x-dead-letter-strategy": "at-least-once",
                 "x-overflow": "reject-publish",
@@ -685,7 +690,7 @@ class ForeignWorker:
             content_type=CONTENT_TYPE, type=kind, message_id=body["task_id"], delivery_mode=2
         )
         self.channel.basic_publish(
-            "",
+            name(self.namespace, "amqpsched.events"),
             name(self.namespace, "amqpsched.results"),
             json.dumps(body).encode(),
             properties,

@@ -84,7 +84,7 @@ class Worker:
         self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="amqpsched-sync")
         self._conn: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
-        self._default: AbstractExchange | None = None
+        self._events: AbstractExchange | None = None
         self._registry: AbstractExchange | None = None
         self._consumers: list[tuple[AbstractQueue, str]] = []
         self._heartbeat: asyncio.Task[None] | None = None
@@ -113,14 +113,14 @@ class Worker:
             # worker with its role's permissions may not do); declare_control_queue and
             # declare_capability check the control and tasks exchanges. It declares what it owns.
             for name in (
-                topo.results_queue,
+                topo.events_exchange,
                 topo.registry_exchange,
                 topo.dead_letter_exchange,
                 topo.delay_exchange,
             ):
                 await topo.ensure(channel, name)
             transport.on_reconnect(self._conn, self.metrics.reconnects.inc)
-            self._default = channel.default_exchange
+            self._events = await channel.get_exchange(topo.events_exchange, ensure=False)
             self._registry = await channel.get_exchange(
                 self.topology.registry_exchange, ensure=False
             )
@@ -530,9 +530,9 @@ class Worker:
     async def _publish_event(
         self, kind: Kind, event: StartedEvent | OutcomeEvent | RetryingEvent
     ) -> None:
-        assert self._default is not None
+        assert self._events is not None
         await transport.publish(
-            self._default,
+            self._events,
             transport.message(
                 encode(event),
                 kind,
