@@ -6,6 +6,7 @@ are matched to calls by correlation id, so thousands of calls can be in flight a
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import threading
@@ -19,6 +20,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnec
 from prometheus_client import CollectorRegistry
 
 from . import tracing, transport
+from .batching import Coalescer
 from .errors import (
     AmqpschedError,
     BrokerError,
@@ -29,8 +31,10 @@ from .errors import (
 )
 from .metrics import ClientMetrics
 from .protocol import (
+    ACCEPT_HEADER,
     PROTOCOL_VERSION,
     Answer,
+    AnswerBatch,
     CapabilitiesReply,
     CatalogEntry,
     ErrorType,
@@ -66,10 +70,72 @@ def answer_value(answer: Answer) -> Any:
     raise cls(task_id, error.type.value, error.message, detail, answer.attempts)
 
 
+#: Most tasks a client puts in one ``submit_batch`` message.
+SUBMIT_BATCH_MAX = 256
+
+
 @dataclass
 class _Reply:
     kind: str
     body: bytes
+    #: Already decoded (an answer that came in an ``answer_batch``).
+    answer: Answer | None = None
+
+    def decoded_answer(self) -> Answer:
+        return self.answer if self.answer is not None else decode_event(Answer, self.body)
+
+
+@dataclass
+class _Submission:
+    """A submission, encoded both ways: alone (``submit``) and as a ``submit_batch`` item."""
+
+    single: bytes
+    item: bytes
+    task_id: str
+    correlation_id: str
+    traceparent: str | None
+
+    @classmethod
+    def of(cls, body: dict[str, Any], corr: str, traceparent: str | None) -> _Submission:
+        fields = json.dumps(body)[1:-1].encode()  # the body's members, shared by both forms
+        extra = {"correlation_id": corr}
+        if traceparent is not None:
+            extra["traceparent"] = traceparent
+        return cls(
+            single=b'{"v":%d,' % PROTOCOL_VERSION + fields + b"}",
+            item=b"{" + fields + b"," + json.dumps(extra)[1:-1].encode() + b"}",
+            task_id=body["task_id"],
+            correlation_id=corr,
+            traceparent=traceparent,
+        )
+
+
+def _submission_body(
+    capability: str,
+    payload: Any,
+    *,
+    timeout: float | None = None,
+    task_id: str | None = None,
+    time_limit: float | None = None,
+    retry: RetryOverride | dict[str, Any] | None = None,
+    idempotency_key: str | None = None,
+) -> dict[str, Any]:
+    """The members of a ``submit`` body (without ``v``), with a task id made if none is given."""
+    body: dict[str, Any] = {
+        "capability": capability,
+        "payload": payload,
+        "task_id": task_id or uuid.uuid4().hex,
+    }
+    if timeout is not None:
+        body["timeout"] = timeout
+    if time_limit is not None:
+        body["time_limit"] = time_limit
+    if retry is not None:
+        override = retry if isinstance(retry, RetryOverride) else RetryOverride(**retry)
+        body["retry"] = override.model_dump(mode="json", exclude_none=True)
+    if idempotency_key is not None:
+        body["idempotency_key"] = idempotency_key
+    return body
 
 
 class TaskHandle:
@@ -97,7 +163,7 @@ class TaskHandle:
             raise TaskTimeout(
                 self.task_id, f"no answer for {self.task_id} in {wait:.1f}s"
             ) from None
-        return decode_event(Answer, reply.body)
+        return reply.decoded_answer()
 
     async def result(self, timeout: float | None = None) -> Any:
         return answer_value(await self.answer(timeout))
@@ -129,6 +195,12 @@ class Client:
         self._submit: AbstractExchange | None = None
         self._reply_queue = self.topology.reply_queue(self.client_id)
         self._pending: dict[str, asyncio.Future[_Reply]] = {}
+        # Submissions made at the same moment go in one `submit_batch` message.
+        self._submits = Coalescer(
+            self._send_submissions, max_items=SUBMIT_BATCH_MAX, size=lambda s: len(s.item)
+        )
+        #: Correlation id of a batch message -> those of its tasks (a rejected batch fails all).
+        self._batches: dict[str, list[str]] = {}
 
     async def __aenter__(self) -> Client:
         await self.connect()
@@ -167,7 +239,16 @@ class Client:
 
     # -- replies -------------------------------------------------------------------------------
     async def _on_reply(self, msg: IncomingMessage) -> None:
+        if msg.type == Kind.ANSWER_BATCH:
+            self._on_answer_batch(msg.body)
+            return
         corr = msg.correlation_id
+        if corr in self._batches:  # the whole batch was rejected: every task gets the answer
+            for item in self._batches.pop(corr):
+                waiting = self._pending.pop(item, None)
+                if waiting is not None and not waiting.done():
+                    waiting.set_result(_Reply(msg.type or "", msg.body))
+            return
         fut = self._pending.get(corr) if corr else None
         if fut is None or fut.done():
             return
@@ -179,6 +260,21 @@ class Client:
         if final:  # later protocol versions may send non-final messages first
             del self._pending[corr]  # type: ignore[arg-type]
             fut.set_result(_Reply(msg.type or "", msg.body))
+
+    def _on_answer_batch(self, body: bytes) -> None:
+        try:
+            batch = decode_event(AnswerBatch, body)
+        except AmqpschedError as exc:
+            log.warning("undecodable answer batch ignored: %s", exc)
+            return
+        for item in batch.answers:
+            fut = self._pending.pop(item.correlation_id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(_Reply(Kind.ANSWER, b"", item.answer))
+        if len(self._batches) > 1024:  # forget batches none of whose tasks is waiting
+            self._batches = {
+                k: v for k, v in self._batches.items() if any(c in self._pending for c in v)
+            }
 
     async def _request(
         self,
@@ -192,20 +288,53 @@ class Client:
         corr = correlation_id or uuid.uuid4().hex
         fut: asyncio.Future[_Reply] = asyncio.get_running_loop().create_future()
         self._pending[corr] = fut
-        msg = transport.message(
-            json.dumps({"v": PROTOCOL_VERSION, **body}).encode(),
-            kind,
-            correlation_id=corr,
-            reply_to=self._reply_queue,
-            message_id=body.get("task_id"),
-            headers=tracing.headers(traceparent),
-        )
         try:
-            await transport.publish(self._submit, msg, self.topology.submit_queue, mandatory=True)
+            if kind == Kind.SUBMIT:
+                await self._submits.add(_Submission.of(body, corr, traceparent))
+            else:
+                body = {"v": PROTOCOL_VERSION, **body}
+                raw = json.dumps(body).encode()
+                await self._publish(kind, raw, corr, traceparent, body.get("task_id"))
         except BaseException:
             self._pending.pop(corr, None)
             raise
         return corr, fut
+
+    async def _publish(
+        self,
+        kind: Kind,
+        body: bytes,
+        corr: str,
+        traceparent: str | None,
+        message_id: str | None,
+    ) -> None:
+        assert self._submit is not None
+        msg = transport.message(
+            body,
+            kind,
+            correlation_id=corr,
+            reply_to=self._reply_queue,
+            message_id=message_id,
+            headers=tracing.headers(traceparent, {ACCEPT_HEADER: Kind.ANSWER_BATCH.value}),
+        )
+        await transport.publish(self._submit, msg, self.topology.submit_queue, mandatory=True)
+
+    async def _send_submissions(self, items: list[_Submission]) -> None:
+        """One submission as a ``submit``; several as one ``submit_batch``."""
+        if len(items) == 1:
+            one = items[0]
+            await self._publish(
+                Kind.SUBMIT, one.single, one.correlation_id, one.traceparent, one.task_id
+            )
+            return
+        body = b'{"v":%d,"tasks":[' % PROTOCOL_VERSION + b",".join(i.item for i in items) + b"]}"
+        corr = uuid.uuid4().hex
+        self._batches[corr] = [item.correlation_id for item in items]
+        try:
+            await self._publish(Kind.SUBMIT_BATCH, body, corr, None, None)
+        except BaseException:
+            self._batches.pop(corr, None)
+            raise
 
     async def _rpc(self, kind: Kind, body: dict[str, Any], timeout: float) -> _Reply:
         corr, fut = await self._request(kind, body)
@@ -238,17 +367,16 @@ class Client:
         ``idempotency_key``: submissions with the same key get the same task and answer;
         ``traceparent``: the W3C trace context to continue (default: the active OpenTelemetry
         span's, else a new trace)."""
-        task_id = task_id or uuid.uuid4().hex
-        body: dict[str, Any] = {"capability": capability, "payload": payload, "task_id": task_id}
-        if timeout is not None:
-            body["timeout"] = timeout
-        if time_limit is not None:
-            body["time_limit"] = time_limit
-        if retry is not None:
-            override = retry if isinstance(retry, RetryOverride) else RetryOverride(**retry)
-            body["retry"] = override.model_dump(mode="json", exclude_none=True)
-        if idempotency_key is not None:
-            body["idempotency_key"] = idempotency_key
+        body = _submission_body(
+            capability,
+            payload,
+            timeout=timeout,
+            task_id=task_id,
+            time_limit=time_limit,
+            retry=retry,
+            idempotency_key=idempotency_key,
+        )
+        task_id = body["task_id"]
         with tracing.span(
             "amqpsched.submit",
             tracing.valid(traceparent),
@@ -314,51 +442,84 @@ class Client:
         payloads: Iterable[Any],
         *,
         ordered: bool = True,
-        window: int = 1000,
+        window: int = 10_000,
         progress: Callable[[int, int], None] | None = None,
         return_exceptions: bool = False,
+        timeout: float | None = None,
+        traceparent: str | None = None,
         **options: Any,
     ) -> AsyncIterator[Any]:
         """Run ``capability`` on every payload; yield the results in input order (``ordered``)
         or as they complete. At most ``window`` tasks are in flight; ``progress(done, total)``
         is called after each answer. A failed task raises its :class:`TaskFailed` when reached,
-        or is yielded as the exception with ``return_exceptions``. Options as for :meth:`submit`.
-        """
+        or is yielded as the exception with ``return_exceptions``; :class:`TaskTimeout` if no
+        answer came for ``timeout`` plus a grace. Options as for :meth:`submit` (no
+        ``task_id``, no ``idempotency_key``: each task gets its own). The tasks travel in
+        batches ([protocol](docs/protocol.md), section 15), one trace for the whole map."""
         items = list(payloads)
         total = len(items)
-        done = 0
-        pending: dict[int, asyncio.Task[Any]] = {}
+        loop = asyncio.get_running_loop()
         finished: asyncio.Queue[int] = asyncio.Queue()
+        futures: dict[int, asyncio.Future[_Reply]] = {}
+        wait = (timeout or self.settings.default_timeout) + ANSWER_GRACE
         nxt = 0  # next input to submit
-        out = 0  # next index to yield, when ordered
+        with tracing.span(
+            "amqpsched.map",
+            tracing.valid(traceparent),
+            kind=tracing.PRODUCER,
+            attributes={"amqpsched.capability": capability, "amqpsched.tasks": total},
+            create=True,
+        ) as span:
+            parent = span.traceparent
 
-        async def one(index: int) -> Any:
-            try:
-                handle = await self.submit(capability, items[index], **options)
-                return await handle.result()
-            finally:
-                finished.put_nowait(index)
+        def submitted(corr: str, reply: asyncio.Future[_Reply], sent: asyncio.Future[None]) -> None:
+            if not reply.done() and (sent.cancelled() or sent.exception() is not None):
+                self._pending.pop(corr, None)
+                error = sent.exception() if not sent.cancelled() else None
+                reply.set_exception(error or BrokerError("submission cancelled"))
+
+        def arrived(index: int, _reply: asyncio.Future[_Reply]) -> None:
+            finished.put_nowait(index)
 
         def fill() -> None:
             nonlocal nxt
-            while nxt < total and len(pending) < window:
-                pending[nxt] = asyncio.ensure_future(one(nxt))
+            if self._submit is None:
+                raise AmqpschedError("client is not connected; use 'async with Client()'")
+            while nxt < total and len(futures) < window:
+                body = _submission_body(capability, items[nxt], timeout=timeout, **options)
+                corr = uuid.uuid4().hex
+                reply: asyncio.Future[_Reply] = loop.create_future()
+                self._pending[corr] = reply
+                futures[nxt] = reply
+                reply.add_done_callback(functools.partial(arrived, nxt))
+                sent = self._submits.add_nowait(_Submission.of(body, corr, parent))
+                sent.add_done_callback(functools.partial(submitted, corr, reply))
                 nxt += 1
 
-        def value(task: asyncio.Task[Any]) -> Any:
-            error = task.exception()
+        def value(reply: asyncio.Future[_Reply]) -> Any:
+            error = reply.exception()
             if error is None:
-                return task.result()
+                try:
+                    return answer_value(reply.result().decoded_answer())
+                except AmqpschedError as failed:
+                    error = failed
             if return_exceptions and isinstance(error, AmqpschedError):
                 return error
             raise error
 
-        completed: dict[int, asyncio.Task[Any]] = {}
+        done = 0
+        out = 0  # next index to yield, when ordered
+        completed: dict[int, asyncio.Future[_Reply]] = {}
         try:
             fill()
             while done < total:
-                index = await finished.get()
-                completed[index] = pending.pop(index)
+                try:
+                    index = await asyncio.wait_for(finished.get(), wait)
+                except TimeoutError:
+                    raise TaskTimeout(
+                        "", f"map: no answer for {len(futures)} task(s) in {wait:.1f}s"
+                    ) from None
+                completed[index] = futures.pop(index)
                 done += 1
                 if progress is not None:
                     progress(done, total)
@@ -369,8 +530,9 @@ class Client:
                     yield value(completed.pop(out))
                     out += 1
         finally:
-            for task in pending.values():
-                task.cancel()
+            for reply in futures.values():
+                reply.cancel()
+            self._pending = {c: f for c, f in self._pending.items() if not f.done()}
 
     async def capabilities(self, *, timeout: float = 10.0) -> list[CatalogEntry]:
         """The live catalog: each capability with its description, schema and workers."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -34,6 +35,11 @@ LATENCY_BUCKETS = (
     900.0,
     3600.0,
 )
+
+#: Tasks in one message: 1 alone, more when coalesced under load (up to MAX_BATCH).
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000)
+#: What a scheduler's message carries tasks of: received (submit, outcome), sent (dispatch, answer).
+MESSAGE_KINDS = ("submit", "dispatch", "outcome", "answer")
 
 #: At most this many workers get their own heartbeat-age series.
 MAX_WORKER_SERIES = 500
@@ -65,7 +71,7 @@ REJECT_REASONS = (
 class SchedulerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self._capabilities: set[str] = set()
+        self._capabilities: dict[str, CapabilitySeries] = {}
         build_info(registry, "scheduler")
         self.submitted = Counter(
             "amqpsched_tasks_submitted_total",
@@ -141,19 +147,55 @@ class SchedulerMetrics:
             "Times the connection to the broker was re-established",
             registry=registry,
         )
+        self.tasks_per_message = Histogram(
+            "amqpsched_tasks_per_message",
+            "Tasks carried by one message the scheduler received (submit, outcome) or sent "
+            "(dispatch, answer): 1 alone, more when batched under load",
+            ["kind"],
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
         # Series that exist from the start read 0, so rate() sees their first increment.
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
+        for kind in MESSAGE_KINDS:
+            self.tasks_per_message.labels(kind)
 
     def saw_capability(self, capability: str) -> None:
         """Create a capability's series at 0 the first time it is seen."""
-        if capability in self._capabilities:
-            return
-        self._capabilities.add(capability)
-        for outcome in OUTCOMES:
-            self.finished.labels(capability, outcome)
-        for counter in (self.submitted, self.dispatched, self.retries, self.redispatched):
-            counter.labels(capability)
+        self.of(capability)
+
+    def of(self, capability: str) -> CapabilitySeries:
+        """A capability's series, created at 0 the first time it is seen (and then looked up
+        once per task, not once per label lookup)."""
+        series = self._capabilities.get(capability)
+        if series is None:
+            series = self._capabilities[capability] = CapabilitySeries(self, capability)
+            for counter in (self.retries, self.redispatched):
+                counter.labels(capability)
+        return series
+
+
+class CapabilitySeries:
+    """The per-capability children of the scheduler's metrics, bound once."""
+
+    def __init__(self, metrics: SchedulerMetrics, capability: str) -> None:
+        self.submitted = metrics.submitted.labels(capability)
+        self.dispatched = metrics.dispatched.labels(capability)
+        self.queue_wait = metrics.queue_wait.labels(capability)
+        self.execution = metrics.execution.labels(capability)
+        self.end_to_end = metrics.end_to_end.labels(capability)
+        self._finished = {o: metrics.finished.labels(capability, o) for o in OUTCOMES}
+        self._metrics = metrics
+        self._capability = capability
+
+    def finished(self, outcome: str) -> Any:
+        child = self._finished.get(outcome)
+        if child is None:
+            child = self._finished[outcome] = self._metrics.finished.labels(
+                self._capability, outcome
+            )
+        return child
 
 
 class RegistryCollector(Collector):

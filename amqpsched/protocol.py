@@ -53,6 +53,19 @@ class Kind(StrEnum):
     GOODBYE = "goodbye"
     CANCELLED = "cancelled"
     JOURNAL = "journal"
+    # Batches (optional; section 15 of the protocol): many tasks in one message, under load.
+    SUBMIT_BATCH = "submit_batch"
+    ANSWER_BATCH = "answer_batch"
+    TASK_BATCH = "task_batch"
+    OUTCOME_BATCH = "outcome_batch"
+
+
+#: A worker announcing this feature takes ``task_batch`` messages; a client sending the header
+#: :data:`ACCEPT_HEADER` with this value takes ``answer_batch`` replies.
+BATCH_FEATURE = "batch"
+ACCEPT_HEADER = "amqpsched-accept"
+#: Most tasks in one batch message.
+MAX_BATCH = 1000
 
 
 class ErrorType(StrEnum):
@@ -143,10 +156,7 @@ class RetryOverride(_Model):
 # --- client -> scheduler (queue tasks.submit) ---------------------------------------------------
 
 
-class SubmitRequest(_Model):
-    """Body of a submission (AMQP type ``submit``, or no type)."""
-
-    v: Version
+class _Submission(_Model):
     capability: Capability
     payload: JsonValue = Field(description="Any JSON value; the capability's schema applies.")
     timeout: float | None = Field(
@@ -172,6 +182,27 @@ class SubmitRequest(_Model):
         description="Submissions with the same key within the idempotency window get the same "
         "task and the same answer.",
     )
+
+
+class SubmitRequest(_Submission):
+    """Body of a submission (AMQP type ``submit``, or no type)."""
+
+    v: Version
+
+
+class SubmitBatchItem(_Submission):
+    """One task of a ``submit_batch``: a submission with its own correlation id."""
+
+    task_id: TaskId = Field(description="Required in a batch: a redelivered batch runs each once.")
+    correlation_id: str = Field(min_length=1, max_length=256)
+    traceparent: str | None = Field(default=None, description="W3C trace context of this task.")
+
+
+class SubmitBatch(_Model):
+    """Body of a ``submit_batch``: tasks answered one by one (``answer_batch`` or ``answer``)."""
+
+    v: Version
+    tasks: list[SubmitBatchItem] = Field(min_length=1, max_length=MAX_BATCH)
 
 
 class TaskQuery(_Model):
@@ -213,6 +244,19 @@ class Answer(_Reply):
     worker_id: str | None = None
     submitted_at: float | None = None
     finished_at: float | None = None
+
+
+class BatchedAnswer(_Reply):
+    correlation_id: str
+    answer: Answer
+
+
+class AnswerBatch(_Reply):
+    """Final answers to several tasks of one client (AMQP type ``answer_batch``): each completes
+    the request with its ``correlation_id``. Sent only to clients that accept it."""
+
+    v: Version = 1
+    answers: list[BatchedAnswer]
 
 
 class StatusReply(_Reply):
@@ -270,6 +314,15 @@ class TaskMessage(_Reply):
     idempotency_key: str | None = None
 
 
+class TaskBatch(_Reply):
+    """Several tasks of one capability in one message (AMQP type ``task_batch``); sent only to a
+    capability whose live workers all announce the ``batch`` feature."""
+
+    v: Version = 1
+    tasks: list[TaskMessage]
+    traceparents: list[str | None] = Field(default_factory=list)
+
+
 # --- worker -> scheduler (queue results) ----------------------------------------------------------
 
 
@@ -299,6 +352,14 @@ class OutcomeEvent(_Reply):
     submitted_at: float
     started_at: float | None = None
     finished_at: float
+
+
+class OutcomeBatch(_Reply):
+    """Several outcomes in one message (AMQP type ``outcome_batch``)."""
+
+    v: Version = 1
+    events: list[OutcomeEvent]
+    traceparents: list[str | None] = Field(default_factory=list)
 
 
 class RetryingEvent(_Reply):
@@ -335,12 +396,16 @@ class WorkerAnnouncement(_Reply):
     concurrency: int = Field(default=1, ge=1)
     in_flight: int = Field(default=0, ge=0)
     sent_at: float
+    features: list[str] = Field(
+        default_factory=list, description='Optional features it supports: "batch".'
+    )
 
 
 M = TypeVar("M", bound=BaseModel)
 
 REQUEST_MODELS: dict[Kind, type[BaseModel]] = {
     Kind.SUBMIT: SubmitRequest,
+    Kind.SUBMIT_BATCH: SubmitBatch,
     Kind.STATUS: TaskQuery,
     Kind.RESULT: TaskQuery,
     Kind.CANCEL: TaskQuery,
@@ -350,6 +415,10 @@ REQUEST_MODELS: dict[Kind, type[BaseModel]] = {
 #: Every message kind and its model, for schema generation and the docs.
 SCHEMA_MODELS: dict[str, type[BaseModel]] = {
     "submit": SubmitRequest,
+    "submit_batch": SubmitBatch,
+    "answer_batch": AnswerBatch,
+    "task_batch": TaskBatch,
+    "outcome_batch": OutcomeBatch,
     "task_query": TaskQuery,
     "capabilities_query": CapabilitiesQuery,
     "answer": Answer,

@@ -9,6 +9,7 @@ import ssl
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -163,8 +164,22 @@ async def publish(
         raise BrokerError(f"publish to {routing_key!r} failed: {exc.__class__.__name__}") from exc
 
 
+@dataclass(frozen=True)
+class MessageCopy:
+    """The parts of a message a dead-letter copy is made of, for a message that is one part of
+    another (a task of a ``task_batch``)."""
+
+    body: bytes
+    headers: dict[str, Any]
+    type: str | None
+    reply_to: str | None
+    correlation_id: str | None
+    content_type: str | None
+    message_id: str | None
+
+
 def dead_letter_message(
-    incoming: IncomingMessage,
+    incoming: IncomingMessage | MessageCopy,
     *,
     reason: str,
     error: str,

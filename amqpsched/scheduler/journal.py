@@ -28,6 +28,8 @@ from ..topology import Topology
 log = logging.getLogger("amqpsched.journal")
 
 Record = dict[str, Any]
+#: Messages journaled by the publish that sends them (a ``BCC``); the rest are JSON lines.
+JOURNALED_KINDS = frozenset({Kind.TASK, Kind.ANSWER, Kind.TASK_BATCH, Kind.ANSWER_BATCH})
 
 
 def cancelled(task_id: str, until: float) -> Record:
@@ -101,7 +103,7 @@ async def replay(
             # Records are applied before the first await, so in delivery order.
             nonlocal count
             arrived.set()
-            if msg.type in (Kind.TASK, Kind.ANSWER):
+            if msg.type in JOURNALED_KINDS:
                 try:
                     apply(msg.type, msg.body)
                     count += 1

@@ -6,14 +6,25 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aio_pika.abc import AbstractChannel
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 
 from .. import tracing, transport
+from ..batching import KeyedCoalescer, batch_body
 from ..errors import BrokerError
-from ..protocol import Answer, CancelNotice, ErrorInfo, ErrorType, Kind, Status, TaskMessage, encode
+from ..protocol import (
+    Answer,
+    CancelNotice,
+    ErrorInfo,
+    ErrorType,
+    Kind,
+    Status,
+    TaskMessage,
+    encode,
+)
 from ..topology import JOURNAL_KEY, Topology
 from ..transport import IncomingMessage
 from .state import TaskRecord
@@ -49,14 +60,43 @@ def failure(record: TaskRecord, error: ErrorType, message: str, now: float, **ex
     )
 
 
+def answer_batch_body(answers: list[tuple[str, bytes]]) -> bytes:
+    """The body of an ``answer_batch``: (correlation id, encoded answer) pairs."""
+    items = b",".join(
+        b'{"correlation_id":' + json.dumps(corr).encode() + b',"answer":' + answer + b"}"
+        for corr, answer in answers
+    )
+    return b'{"v":1,"answers":[' + items + b"]}"
+
+
+#: (task, its traceparent, the task encoded); (correlation id, answer encoded, traceparent).
+_Dispatch = tuple[TaskMessage, str | None, bytes]
+_Answer = tuple[str, bytes, str | None]
+
+
 class Outbox:
     def __init__(
-        self, channel: AbstractChannel, topology: Topology, dead_lettered: Counter
+        self,
+        channel: AbstractChannel,
+        topology: Topology,
+        dead_lettered: Counter,
+        batch_limit: Callable[[str], int] = lambda _capability: 1,
+        tasks_per_message: Histogram | None = None,
     ) -> None:
+        """``batch_limit(capability)``: most tasks one dispatch message may carry (1: no
+        ``task_batch``, because a worker of that capability would not understand it)."""
         self.channel = channel
         self._dead_lettered = dead_lettered
         self.topology = topology
+        self._batch_limit = batch_limit
+        self._tasks_per_message = tasks_per_message
         self._locks: dict[str, asyncio.Lock] = {}
+        self._dispatches: KeyedCoalescer[str, _Dispatch] = KeyedCoalescer(
+            self._send_dispatches, size=lambda d: len(d[2])
+        )
+        self._answers: KeyedCoalescer[str, _Answer] = KeyedCoalescer(
+            self._send_answers, size=lambda a: len(a[1])
+        )
 
     async def send(
         self, reply_to: str, corr: str, kind: Kind, body: bytes, traceparent: str | None = None
@@ -70,47 +110,122 @@ class Outbox:
         )
 
     async def answer(
-        self, targets: list[tuple[str, str]], answer: Answer, traceparent: str | None = None
+        self,
+        targets: list[tuple[str, str]],
+        answer: Answer,
+        traceparent: str | None = None,
+        batch_reply: bool = False,
     ) -> None:
+        await self.answer_nowait(targets, answer, traceparent, batch_reply)
+
+    def answer_nowait(
+        self,
+        targets: list[tuple[str, str]],
+        answer: Answer,
+        traceparent: str | None = None,
+        batch_reply: bool = False,
+    ) -> asyncio.Future[Any]:
         """Send the final answer to every target and, by the same publish as the first target's,
-        to the journal: an answer is journaled exactly when it is sent."""
+        to the journal: an answer is journaled exactly when it is sent. With ``batch_reply``,
+        the first target takes ``answer_batch`` replies: answers to it ready at the same moment
+        go together. The future is done when the broker confirmed all of it."""
         body = encode(answer)
-        journal = self.topology.journal_queue
+        if len(targets) == 1 and batch_reply and not targets[0][0].startswith(DIRECT_REPLY_TO):
+            reply_to, corr = targets[0]  # the common case: no task per answer
+            return self._answers.add_nowait(reply_to, (corr, body, traceparent))
+        return asyncio.ensure_future(self._answer_all(targets, body, traceparent, batch_reply))
+
+    async def _answer_all(
+        self,
+        targets: list[tuple[str, str]],
+        body: bytes,
+        traceparent: str | None,
+        batch_reply: bool,
+    ) -> None:
         first, rest = (targets[0], targets[1:]) if targets else (None, [])
         sends = [self.send(r, c, Kind.ANSWER, body, traceparent) for r, c in rest]
         if first is not None and not first[0].startswith(DIRECT_REPLY_TO):
-            msg = transport.message(
-                body,
-                Kind.ANSWER,
-                correlation_id=first[1],
-                headers=tracing.headers(traceparent, {"BCC": [journal]}),
-            )
-            sends.append(transport.publish(self.channel.default_exchange, msg, first[0]))
+            if batch_reply:
+                sends.append(self._answers.add(first[0], (first[1], body, traceparent)))
+            else:
+                sends.append(self._answer_journaled(first[0], first[1], body, traceparent))
         else:
             if first is not None:  # direct reply-to takes no BCC: journal it on its own
                 sends.append(self.send(first[0], first[1], Kind.ANSWER, body, traceparent))
-            sends.append(self.send(journal, "", Kind.ANSWER, body, traceparent))
+            sends.append(self.send(self.topology.journal_queue, "", Kind.ANSWER, body, traceparent))
         await asyncio.gather(*sends)
 
+    async def _answer_journaled(
+        self, reply_to: str, corr: str, body: bytes, traceparent: str | None
+    ) -> None:
+        msg = transport.message(
+            body,
+            Kind.ANSWER,
+            correlation_id=corr,
+            headers=tracing.headers(traceparent, {"BCC": [self.topology.journal_queue]}),
+        )
+        await transport.publish(self.channel.default_exchange, msg, reply_to)
+
+    def _count(self, kind: str, tasks: int) -> None:
+        if self._tasks_per_message is not None:
+            self._tasks_per_message.labels(kind).observe(tasks)
+
+    async def _send_answers(self, reply_to: str, items: list[_Answer]) -> None:
+        self._count("answer", len(items))
+        if len(items) == 1:
+            await self._answer_journaled(reply_to, *items[0])
+            return
+        msg = transport.message(
+            answer_batch_body([(corr, answer) for corr, answer, _ in items]),
+            Kind.ANSWER_BATCH,
+            headers={"BCC": [self.topology.journal_queue]},
+        )
+        await transport.publish(self.channel.default_exchange, msg, reply_to)
+
     async def dispatch(self, task: TaskMessage, traceparent: str | None = None) -> None:
-        """Publish ``task`` to its capability queue and, by the same publish, to the journal."""
+        """Publish ``task`` to its capability queue and, by the same publish, to the journal;
+        with other tasks of its capability dispatched at the same moment, when its workers take
+        batches."""
         await self._ensure_capability(task.capability)
+        await self._dispatch_declared(task, traceparent)
+
+    def dispatch_nowait(
+        self, task: TaskMessage, traceparent: str | None = None
+    ) -> asyncio.Future[None]:
+        """:meth:`dispatch`, as a future: no task of its own once the capability's queue is
+        declared (the hot path of a batch)."""
+        if self.topology.capability_declared(task.capability):
+            return self._dispatch_declared(task, traceparent)
+        return asyncio.ensure_future(self.dispatch(task, traceparent))
+
+    def _dispatch_declared(
+        self, task: TaskMessage, traceparent: str | None
+    ) -> asyncio.Future[None]:
+        item = (task, traceparent, encode(task))
+        limit = self._batch_limit(task.capability)
+        if limit > 1:
+            return self._dispatches.add_nowait(task.capability, item, max_items=limit)
+        return asyncio.ensure_future(self._send_dispatches(task.capability, [item]))
+
+    async def _send_dispatches(self, capability: str, items: list[_Dispatch]) -> None:
+        self._count("dispatch", len(items))
         exchange = await self.channel.get_exchange(self.topology.tasks_exchange, ensure=False)
-        try:
-            await transport.publish(
-                exchange,
-                transport.message(
-                    encode(task),
-                    Kind.TASK,
-                    message_id=task.task_id,
-                    correlation_id=task.correlation_id,
-                    headers=tracing.headers(traceparent, {"BCC": [JOURNAL_KEY]}),
-                ),
-                task.capability,
-                mandatory=True,
+        if len(items) == 1:
+            task, traceparent, body = items[0]
+            msg = transport.message(
+                body,
+                Kind.TASK,
+                message_id=task.task_id,
+                correlation_id=task.correlation_id,
+                headers=tracing.headers(traceparent, {"BCC": [JOURNAL_KEY]}),
             )
+        else:
+            body = batch_body(b"tasks", [b for _, _, b in items], [tp for _, tp, _ in items])
+            msg = transport.message(body, Kind.TASK_BATCH, headers={"BCC": [JOURNAL_KEY]})
+        try:
+            await transport.publish(exchange, msg, capability, mandatory=True)
         except BrokerError:
-            self.topology.forget_capability(task.capability)  # maybe deleted: declare it again
+            self.topology.forget_capability(capability)  # maybe deleted: declare it again
             raise
 
     async def _ensure_capability(self, capability: str) -> None:

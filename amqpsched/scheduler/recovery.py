@@ -5,16 +5,31 @@ from __future__ import annotations
 import json
 import time
 
-from ..protocol import Answer, Kind, TaskMessage, TaskState, decode_event
+from ..protocol import (
+    Answer,
+    AnswerBatch,
+    Kind,
+    TaskBatch,
+    TaskMessage,
+    TaskState,
+    decode_event,
+)
 from .state import TaskRecord, TaskStore
 
 
 def apply_entry(store: TaskStore, cancels: dict[str, float], kind: str, body: bytes) -> None:
-    """One journal entry, replayed at start: a dispatch, an answer, or a JSON record."""
+    """One journal entry, replayed at start: a dispatch, an answer (or a batch of either), or a
+    JSON record."""
     if kind == Kind.TASK:
         apply_dispatch(store, decode_event(TaskMessage, body))
     elif kind == Kind.ANSWER:
         apply_answer(store, decode_event(Answer, body))
+    elif kind == Kind.TASK_BATCH:
+        for task in decode_event(TaskBatch, body).tasks:
+            apply_dispatch(store, task)
+    elif kind == Kind.ANSWER_BATCH:
+        for item in decode_event(AnswerBatch, body).answers:
+            apply_answer(store, item.answer)
     else:
         record = json.loads(body)
         if record.get("k") == "cancelled":

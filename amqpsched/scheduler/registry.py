@@ -5,7 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..protocol import CapabilityInfo, CatalogEntry, Kind, WorkerAnnouncement
+from ..protocol import BATCH_FEATURE, CapabilityInfo, CatalogEntry, Kind, WorkerAnnouncement
+
+#: Most tasks in one dispatch message, and how many per slot of the smallest worker.
+BATCH_CAP = 256
+BATCH_PER_SLOT = 2
 
 
 @dataclass
@@ -18,6 +22,11 @@ class WorkerInfo:
     in_flight: int
     last_seen: float
     first_seen: float = field(default=0.0)
+    features: frozenset[str] = frozenset()
+
+    def shape(self) -> tuple[frozenset[str], int, frozenset[str]]:
+        """What the batch limits depend on."""
+        return self.features, self.concurrency, frozenset(self.capabilities)
 
 
 class Registry(Protocol):
@@ -36,6 +45,7 @@ class WorkerRegistry:
     def __init__(self, heartbeat_interval: float, miss_limit: int) -> None:
         self.liveness_window = heartbeat_interval * miss_limit
         self._workers: dict[str, WorkerInfo] = {}
+        self._batch_limits: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._workers)
@@ -45,10 +55,11 @@ class WorkerRegistry:
 
     def observe(self, kind: Kind, announcement: WorkerAnnouncement, now: float) -> None:
         if kind == Kind.GOODBYE:
-            self._workers.pop(announcement.worker_id, None)
+            if self._workers.pop(announcement.worker_id, None) is not None:
+                self._batch_limits.clear()
             return
         known = self._workers.get(announcement.worker_id)
-        self._workers[announcement.worker_id] = WorkerInfo(
+        info = self._workers[announcement.worker_id] = WorkerInfo(
             worker_id=announcement.worker_id,
             hostname=announcement.hostname,
             pid=announcement.pid,
@@ -57,14 +68,34 @@ class WorkerRegistry:
             in_flight=announcement.in_flight,
             last_seen=now,
             first_seen=known.first_seen if known else now,
+            features=frozenset(announcement.features),
         )
+        if known is None or known.shape() != info.shape():
+            self._batch_limits.clear()
 
     def sweep(self, now: float) -> list[str]:
         """Forget workers whose deadline passed; return their ids."""
         dead = [w.worker_id for w in self._workers.values() if self.deadline(w) < now]
         for worker_id in dead:
             del self._workers[worker_id]
+        if dead:
+            self._batch_limits.clear()
         return dead
+
+    def batch_limit(self, capability: str) -> int:
+        """Most tasks of ``capability`` one dispatch message may carry: 1 (no ``task_batch``)
+        unless every live worker offering it takes batches; then a few per slot of the
+        smallest one, so a batch does not leave other workers idle."""
+        limit = self._batch_limits.get(capability)
+        if limit is None:
+            workers = self.live(capability)
+            if workers and all(BATCH_FEATURE in w.features for w in workers):
+                smallest = min(w.concurrency for w in workers)
+                limit = max(1, min(BATCH_CAP, smallest * BATCH_PER_SLOT))
+            else:
+                limit = 1
+            self._batch_limits[capability] = limit
+        return limit
 
     def get(self, worker_id: str) -> WorkerInfo | None:
         return self._workers.get(worker_id)

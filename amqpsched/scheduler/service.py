@@ -7,6 +7,7 @@ import asyncio
 import logging
 import time
 import uuid
+from typing import Any
 
 from aio_pika.abc import AbstractRobustConnection
 from prometheus_client import CollectorRegistry
@@ -16,15 +17,19 @@ from .. import logs, tracing, transport
 from ..errors import AmqpschedError, BrokerError, DecodeError
 from ..metrics import RegistryCollector, SchedulerMetrics
 from ..protocol import (
+    ACCEPT_HEADER,
     REQUEST_MODELS,
     Answer,
     CapabilitiesReply,
     ErrorType,
     Kind,
+    OutcomeBatch,
     OutcomeEvent,
     RetryingEvent,
     StartedEvent,
     StatusReply,
+    SubmitBatch,
+    SubmitBatchItem,
     SubmitRequest,
     TaskMessage,
     TaskQuery,
@@ -105,7 +110,13 @@ class Scheduler:
             topo = self.topology
             await topo.declare_core(channel)
             await topo.declare_journal(channel, self.settings.journal_retention)
-            self._outbox = Outbox(channel, topo, self.metrics.dead_lettered)
+            self._outbox = Outbox(
+                channel,
+                topo,
+                self.metrics.dead_lettered,
+                self.registry.batch_limit,
+                self.metrics.tasks_per_message,
+            )
             transport.on_reconnect(self._conn, self.metrics.reconnects.inc)
             self._journal = Journal(channel, topo)
             recovered = await replay(self._conn, topo, self._apply)
@@ -210,7 +221,12 @@ class Scheduler:
         corr = msg.correlation_id or ""
         kind = Kind(kind_name)
         if isinstance(request, SubmitRequest):
+            self.metrics.tasks_per_message.labels("submit").observe(1)
             await self._submit(msg, request, msg.reply_to, corr)
+            return
+        if isinstance(request, SubmitBatch):
+            self.metrics.tasks_per_message.labels("submit").observe(len(request.tasks))
+            await self._submit_batch(msg, request, msg.reply_to)
             return
         if isinstance(request, TaskQuery):
             if kind == Kind.CANCEL:
@@ -237,17 +253,86 @@ class Scheduler:
             self.metrics.rejected.labels(reason).inc()
         log.warning("rejected message %s: %s: %s", msg.message_id, reason, detail)
 
+    def _timeout(self, req: SubmitRequest | SubmitBatchItem) -> tuple[float, str | None]:
+        """The task's timeout, and why it is refused (None: it is not)."""
+        timeout = req.timeout or self.settings.default_timeout
+        if timeout > self.settings.max_timeout:
+            return timeout, f"timeout {timeout} exceeds the maximum {self.settings.max_timeout}"
+        return timeout, None
+
     async def _submit(
         self, msg: IncomingMessage, req: SubmitRequest, reply_to: str, corr: str
     ) -> None:
-        timeout = req.timeout or self.settings.default_timeout
-        if timeout > self.settings.max_timeout:
-            detail = f"timeout {timeout} exceeds the maximum {self.settings.max_timeout}"
-            await self._reject(msg, "timeout_too_large", detail, req)
+        timeout, refused = self._timeout(req)
+        if refused is not None:
+            await self._reject(msg, "timeout_too_large", refused, req)
             return
+        headers = msg.headers or {}
+        done = self._accept(
+            req,
+            timeout,
+            reply_to,
+            corr,
+            tracing.from_headers(headers),
+            redelivered=bool(msg.redelivered),
+            replay=bool(headers.get(transport.H_REPLAY)),
+            batch_reply=headers.get(ACCEPT_HEADER) == Kind.ANSWER_BATCH.value,
+        )
+        if done is not None:
+            await done
+        await transport.settle(msg)
+
+    async def _submit_batch(self, msg: IncomingMessage, batch: SubmitBatch, reply_to: str) -> None:
+        """Each task of the batch as if submitted alone; the message is acked once every one is
+        dispatched (or answered). A batch with one task it must refuse is refused whole."""
+        timeouts = []
+        for index, item in enumerate(batch.tasks):
+            timeout, refused = self._timeout(item)
+            if refused is not None:
+                await self._reject(msg, "timeout_too_large", f"tasks.{index}: {refused}", batch)
+                return
+            timeouts.append(timeout)
+        headers = msg.headers or {}
+        batch_reply = headers.get(ACCEPT_HEADER) == Kind.ANSWER_BATCH.value
+        redelivered, replay = bool(msg.redelivered), bool(headers.get(transport.H_REPLAY))
+        pending = []
+        for item, timeout in zip(batch.tasks, timeouts, strict=True):
+            done = self._accept(
+                item,
+                timeout,
+                reply_to,
+                item.correlation_id,
+                tracing.valid(item.traceparent),
+                redelivered=redelivered,
+                replay=replay,
+                batch_reply=batch_reply,
+            )
+            if done is not None:
+                pending.append(done)
+        # Wait for all (not just the first failure): none is left running on a requeued batch.
+        failed = [r for r in await asyncio.gather(*pending, return_exceptions=True) if r]
+        if failed:
+            raise failed[0]
+        await transport.settle(msg)
+
+    def _accept(
+        self,
+        req: SubmitRequest | SubmitBatchItem,
+        timeout: float,
+        reply_to: str,
+        corr: str,
+        traceparent: str | None,
+        *,
+        redelivered: bool,
+        replay: bool,
+        batch_reply: bool,
+    ) -> asyncio.Future[Any] | None:
+        """Dispatch a submitted task, or, if it is known already, answer or watch it. Returns
+        the future of what it caused, done once the broker confirmed it (None: nothing to wait
+        for). No task of its own per submission: the hot path of a batch."""
         now = time.time()
         replayed = self.store.get(req.task_id) if req.task_id else None
-        if replayed is not None and replayed.final and (msg.headers or {}).get(transport.H_REPLAY):
+        if replayed is not None and replayed.final and replay:
             self.store.forget(replayed.task_id)  # a replay from the dead-letter queue runs anew
         known = self.store.get(req.task_id) if req.task_id else None
         if known is None and req.idempotency_key is not None:
@@ -259,63 +344,56 @@ class Scheduler:
             if known.answer is not None:
                 # A redelivery of the very submission that was answered (its scheduler died
                 # before the ack) must not answer twice; any other asker gets the answer.
-                if not (msg.redelivered and same):
+                if not (redelivered and same):
                     body = encode(known.answer)
-                    await self.outbox.send(reply_to, corr, Kind.ANSWER, body, known.traceparent)
+                    send = self.outbox.send(reply_to, corr, Kind.ANSWER, body, known.traceparent)
+                    return asyncio.ensure_future(send)
             elif not same:
                 known.watchers.append((reply_to, corr))
-            await transport.settle(msg)
-            return
+            return known.dispatching  # acked only once its dispatch is confirmed
         task_id = req.task_id or uuid.uuid4().hex
-        traceparent = tracing.from_headers(msg.headers)
-        with (
-            logs.task_context(task_id, req.capability, 1, traceparent=traceparent),
-            tracing.span(
-                "amqpsched.dispatch",
-                traceparent,
-                kind=tracing.PRODUCER,
-                attributes={"amqpsched.task_id": task_id, "amqpsched.capability": req.capability},
-            ) as span,
-        ):
-            await self._dispatch_new(msg, req, task_id, now, timeout, span.traceparent)
+        with tracing.span(
+            "amqpsched.dispatch",
+            traceparent,
+            kind=tracing.PRODUCER,
+            attributes={"amqpsched.task_id": task_id, "amqpsched.capability": req.capability},
+        ) as span:
+            task = TaskMessage.model_construct(
+                task_id=task_id,
+                capability=req.capability,
+                payload=req.payload,
+                attempt=1,
+                submitted_at=now,
+                deadline=now + timeout,
+                reply_to=reply_to,
+                correlation_id=corr,
+                time_limit=req.time_limit,
+                retry=req.retry,
+                idempotency_key=req.idempotency_key,
+            )
+            return self._dispatch_new(task, span.traceparent, batch_reply)
 
-    async def _dispatch_new(
-        self,
-        msg: IncomingMessage,
-        req: SubmitRequest,
-        task_id: str,
-        now: float,
-        timeout: float,
-        traceparent: str | None,
-    ) -> None:
-        reply_to, corr = msg.reply_to or "", msg.correlation_id or ""
-        task = TaskMessage(
-            task_id=task_id,
-            capability=req.capability,
-            payload=req.payload,
-            attempt=1,
-            submitted_at=now,
-            deadline=now + timeout,
-            reply_to=reply_to,
-            correlation_id=corr,
-            time_limit=req.time_limit,
-            retry=req.retry,
-            idempotency_key=req.idempotency_key,
-        )
-        record = TaskRecord.of(task, traceparent=traceparent)
+    def _dispatch_new(
+        self, task: TaskMessage, traceparent: str | None, batch_reply: bool
+    ) -> asyncio.Future[None]:
+        record = TaskRecord.of(task, traceparent=traceparent, batch_reply=batch_reply)
         self.store.add(record)
-        try:
-            await self.outbox.dispatch(task, traceparent)  # journaled by the same publish
-        except AmqpschedError:
-            self.store.forget(task.task_id)  # not dispatched: the redelivery starts afresh
-            raise
-        if record.state == TaskState.QUEUED:
-            record.state = TaskState.DISPATCHED
-        self.metrics.saw_capability(task.capability)
-        self.metrics.submitted.labels(task.capability).inc()
-        self.metrics.dispatched.labels(task.capability).inc()
-        await transport.settle(msg)
-        log.debug("task %s (%s) dispatched", task.task_id, req.capability)
+        done = record.dispatching = self.outbox.dispatch_nowait(task, traceparent)
+
+        def dispatched(fut: asyncio.Future[None]) -> None:
+            record.dispatching = None
+            if fut.cancelled() or fut.exception() is not None:
+                if self.store.get(task.task_id) is record and not record.final:
+                    self.store.forget(task.task_id)  # the redelivery starts afresh
+                return
+            if record.state == TaskState.QUEUED:
+                record.state = TaskState.DISPATCHED
+            counters = self.metrics.of(task.capability)
+            counters.submitted.inc()
+            counters.dispatched.inc()
+
+        done.add_done_callback(dispatched)
+        return done
 
     async def _query(self, kind: Kind, query: TaskQuery, reply_to: str, corr: str) -> None:
         record = self.store.get(query.task_id)
@@ -361,6 +439,8 @@ class Scheduler:
                 await transport.settle(msg)
             elif msg.type == Kind.OUTCOME:
                 await self._on_outcome(msg, decode_event(OutcomeEvent, msg.body))
+            elif msg.type == Kind.OUTCOME_BATCH:
+                await self._on_outcome_batch(msg, decode_event(OutcomeBatch, msg.body))
             elif msg.type == Kind.RETRYING:
                 self._on_retrying(decode_event(RetryingEvent, msg.body))
                 await transport.settle(msg)
@@ -415,29 +495,39 @@ class Scheduler:
         )
 
     async def _on_outcome(self, msg: IncomingMessage, ev: OutcomeEvent) -> None:
-        traceparent = tracing.from_headers(msg.headers)
-        with logs.task_context(
-            ev.task_id, ev.capability, ev.attempt, ev.worker_id, traceparent=traceparent
-        ):
-            await self._outcome(msg, ev, traceparent)
+        self.metrics.tasks_per_message.labels("outcome").observe(1)
+        done = self._outcome(ev, tracing.from_headers(msg.headers))
+        if done is not None:
+            await done
+        await transport.settle(msg)
 
-    async def _outcome(
-        self, msg: IncomingMessage, ev: OutcomeEvent, traceparent: str | None
-    ) -> None:
+    async def _on_outcome_batch(self, msg: IncomingMessage, batch: OutcomeBatch) -> None:
+        self.metrics.tasks_per_message.labels("outcome").observe(len(batch.events))
+        parents = batch.traceparents + [None] * (len(batch.events) - len(batch.traceparents))
+        pending = [
+            done
+            for ev, parent in zip(batch.events, parents, strict=False)
+            if (done := self._outcome(ev, tracing.valid(parent))) is not None
+        ]
+        failed = [r for r in await asyncio.gather(*pending, return_exceptions=True) if r]
+        if failed:
+            raise failed[0]
+        await transport.settle(msg)
+
+    def _outcome(self, ev: OutcomeEvent, traceparent: str | None) -> asyncio.Future[Any] | None:
+        """Answer the task of an outcome; the future is done once the answer is confirmed."""
         record = self.store.get(ev.task_id)
         if record is not None and (record.final or is_fenced(record, ev.attempt)):
             if is_fenced(record, ev.attempt):
                 self.fenced += 1
                 self.metrics.fenced.labels(record.capability).inc()
                 log.info("outcome of superseded attempt %d of %s fenced", ev.attempt, ev.task_id)
-            await transport.settle(msg)
-            return
+            return None
+        counters = self.metrics.of(ev.capability)
         if record is not None and record.attempts == 0 and ev.started_at is not None:
             # No `started` came (a short task): its queue wait is known from the outcome.
-            self.metrics.queue_wait.labels(ev.capability).observe(
-                max(ev.started_at - record.submitted_at, 0.0)
-            )
-        answer = Answer(
+            counters.queue_wait.observe(max(ev.started_at - record.submitted_at, 0.0))
+        answer = Answer.model_construct(
             task_id=ev.task_id,
             status=ev.status,
             capability=ev.capability,
@@ -459,20 +549,14 @@ class Scheduler:
             )
         if traceparent is not None:
             record.traceparent = traceparent  # the worker's span: the answer's parent
-        await self._finish(record, answer, time.time())
-        await transport.settle(msg)
         if ev.started_at is not None:
-            self.metrics.execution.labels(ev.capability).observe(
-                max(ev.finished_at - ev.started_at, 0.0)
-            )
-        log.debug(
-            "task %s %s (%s) attempt %d on %s",
-            ev.task_id,
-            ev.status.value,
-            ev.capability,
-            ev.attempt,
-            ev.worker_id,
-        )
+            counters.execution.observe(max(ev.finished_at - ev.started_at, 0.0))
+        if log.isEnabledFor(logging.DEBUG):
+            with logs.task_context(
+                ev.task_id, ev.capability, ev.attempt, ev.worker_id, traceparent=traceparent
+            ):
+                log.debug("task %s %s on %s", ev.task_id, ev.status.value, ev.worker_id)
+        return self._finish_nowait(record, answer, time.time())
 
     async def _on_dead_task(self, msg: IncomingMessage, task: TaskMessage) -> None:
         """A task the broker dead-lettered from its capability queue: delivered ``delivery_limit``
@@ -508,23 +592,31 @@ class Scheduler:
 
     async def _finish(self, record: TaskRecord, answer: Answer, now: float) -> None:
         """Send the one final answer to the submitter and every watcher, then remember it."""
+        await self._finish_nowait(record, answer, now)
+
+    def _finish_nowait(self, record: TaskRecord, answer: Answer, now: float) -> asyncio.Future[Any]:
         targets = [(record.reply_to, record.correlation_id), *record.watchers]
         state, watchers, task = record.state, list(record.watchers), record.task
         self.store.finish(record, answer, now)  # final at once for status queries
-        try:
-            # Sent and journaled by one publish: after a crash, a restarted scheduler knows
-            # exactly which answers went out.
-            await self.outbox.answer([t for t in targets if t[0]], answer, record.traceparent)
-        except AmqpschedError:
-            self.store.reopen(record, state, watchers)  # the redelivery will answer it
-            record.task = task
-            raise
-        outcome = answer.error.type.value if answer.error else answer.status.value
-        self.metrics.finished.labels(record.capability, outcome).inc()
-        if record.submitted_at:
-            self.metrics.end_to_end.labels(record.capability).observe(
-                max(now - record.submitted_at, 0.0)
-            )
+        # Sent and journaled by one publish: after a crash, a restarted scheduler knows exactly
+        # which answers went out.
+        done = self.outbox.answer_nowait(
+            [t for t in targets if t[0]], answer, record.traceparent, record.batch_reply
+        )
+
+        def answered(fut: asyncio.Future[Any]) -> None:
+            if fut.cancelled() or fut.exception() is not None:
+                self.store.reopen(record, state, watchers)  # the redelivery will answer it
+                record.task = task
+                return
+            outcome = answer.error.type.value if answer.error else answer.status.value
+            counters = self.metrics.of(record.capability)
+            counters.finished(outcome).inc()
+            if record.submitted_at:
+                counters.end_to_end.observe(max(now - record.submitted_at, 0.0))
+
+        done.add_done_callback(answered)
+        return done
 
     async def _on_announcement(self, msg: IncomingMessage) -> None:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -35,6 +36,11 @@ class TaskRecord:
     watchers: list[tuple[str, str]] = field(default_factory=list)
     #: W3C trace context sent on with its dispatches and answer (not journaled).
     traceparent: str | None = None
+    #: Its submitter takes ``answer_batch`` replies (not journaled: answered one by one after a
+    #: restart).
+    batch_reply: bool = False
+    #: Confirmed when its first dispatch is: a second submission of it waits for that.
+    dispatching: asyncio.Future[None] | None = None
 
     @classmethod
     def of(cls, task: TaskMessage, **fields: Any) -> TaskRecord:

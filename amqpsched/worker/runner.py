@@ -20,9 +20,11 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, Abstr
 from prometheus_client import CollectorRegistry
 
 from .. import logs, tracing, transport
+from ..batching import Coalescer, batch_body
 from ..errors import AmqpschedError, BrokerError, ConfigurationError, DecodeError
 from ..metrics import WorkerMetrics
 from ..protocol import (
+    BATCH_FEATURE,
     CancelNotice,
     ErrorInfo,
     ErrorType,
@@ -31,6 +33,7 @@ from ..protocol import (
     RetryingEvent,
     StartedEvent,
     Status,
+    TaskBatch,
     TaskMessage,
     WorkerAnnouncement,
     decode_event,
@@ -41,6 +44,8 @@ from ..settings import Settings
 from ..topology import DELAY_HEADER, Topology
 from ..transport import IncomingMessage
 from .app import Handler, InvalidPayload, InvalidResult, WorkerApp, to_json
+from .delivery import BatchDelivery, Delivery
+from .slots import Slots
 
 log = logging.getLogger("amqpsched.worker")
 
@@ -75,7 +80,7 @@ class Worker:
         self.handlers: dict[str, Handler] = {n: app.handlers[n] for n in names}
         self.concurrency = concurrency or settings.concurrency
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self._slots = asyncio.Semaphore(self.concurrency)
+        self._slots = Slots(self.concurrency)
         self.metrics.slots_total.set(self.concurrency)
         self.metrics.slots_used.set_function(lambda: self._in_flight)
         self._running: set[asyncio.Task[Any]] = set()
@@ -92,6 +97,10 @@ class Worker:
         self._cancelled: dict[str, float] = {}
         self._handler_tasks: dict[str, asyncio.Future[Any]] = {}
         self._welcomed = asyncio.Event()
+        # Outcomes ready at the same moment go to the scheduler in one `outcome_batch`.
+        self._outcomes: Coalescer[tuple[OutcomeEvent, str | None, bytes]] = Coalescer(
+            self._send_outcomes, size=lambda item: len(item[2])
+        )
         self.consuming = False
         self.executed = 0
 
@@ -161,6 +170,7 @@ class Worker:
         if self._stopping.is_set():
             return
         self._stopping.set()
+        self._slots.close()
         self.consuming = False
         for queue, tag in self._consumers:
             try:
@@ -202,6 +212,7 @@ class Worker:
             concurrency=self.concurrency,
             in_flight=self._in_flight,
             sent_at=time.time(),
+            features=[BATCH_FEATURE],
         )
 
     async def _announce(self, kind: Kind) -> None:
@@ -248,27 +259,53 @@ class Worker:
                 self._running.discard(current)
 
     async def _take(self, msg: IncomingMessage) -> None:
+        if msg.type == Kind.TASK_BATCH:
+            await self._take_batch(msg)
+            return
         try:
             task = decode_event(TaskMessage, msg.body)
         except DecodeError as exc:
-            await self._dead_letter(msg, exc.reason, exc.detail)
+            await self._dead_letter(Delivery(msg), exc.reason, exc.detail)
             return
+        await self._take_task(Delivery(msg), task, tracing.from_headers(msg.headers))
+
+    async def _take_batch(self, msg: IncomingMessage) -> None:
+        """Each task of a ``task_batch`` as if it had come alone, side by side."""
+        try:
+            batch = decode_event(TaskBatch, msg.body)
+        except DecodeError as exc:
+            await self._dead_letter(Delivery(msg), exc.reason, exc.detail)
+            return
+        if not batch.tasks:
+            await transport.settle(msg)
+            return
+        hold = BatchDelivery(msg, len(batch.tasks))
+        parents = batch.traceparents + [None] * (len(batch.tasks) - len(batch.traceparents))
+        await asyncio.gather(
+            *(
+                self._take_task(hold.part(task), task, tracing.valid(parent))
+                for task, parent in zip(batch.tasks, parents, strict=False)
+            )
+        )
+
+    async def _take_task(
+        self, delivery: Delivery, task: TaskMessage, traceparent: str | None
+    ) -> None:
         if not await self._acquire_slot():
-            await transport.settle(msg, requeue=True)  # draining: hand it back at once
+            await delivery.settle(requeue=True)  # draining: hand it back at once
             return
         self._in_flight += 1
         hold = _Hold()
-        traceparent = tracing.from_headers(msg.headers)
         try:
             with logs.task_context(
                 task.task_id, task.capability, task.attempt, self.worker_id, traceparent
             ):
-                await self._execute(msg, task, hold, traceparent)
+                await self._execute(delivery, task, hold, traceparent)
         except AmqpschedError as exc:
             log.warning("task %s not reported, it will be redelivered: %s", task.task_id, exc)
-            await transport.settle(msg, requeue=True)
+            await delivery.settle(requeue=True)
         except asyncio.CancelledError:
-            await transport.settle(msg, requeue=True)
+            await delivery.settle(requeue=True)
             raise
         finally:
             self._in_flight -= 1
@@ -282,38 +319,22 @@ class Worker:
 
     async def _acquire_slot(self) -> bool:
         """Wait for a free slot; False when the worker started draining first."""
-        if self._stopping.is_set():
-            return False
-        acquire = asyncio.ensure_future(self._slots.acquire())
-        stop = asyncio.ensure_future(self._stopping.wait())
-        got = False
-        try:
-            await asyncio.wait({acquire, stop}, return_when=asyncio.FIRST_COMPLETED)
-            got = acquire.done() and not acquire.cancelled() and not self._stopping.is_set()
-        finally:
-            # Also when this delivery is cancelled (a lost connection): a slot taken for it
-            # must not leak, or the worker ends up with none.
-            stop.cancel()
-            if not acquire.done():
-                acquire.cancel()
-            elif not got and not acquire.cancelled():
-                self._slots.release()
-        return got
+        return await self._slots.acquire()
 
     async def _execute(
-        self, msg: IncomingMessage, task: TaskMessage, hold: _Hold, traceparent: str | None
+        self, delivery: Delivery, task: TaskMessage, hold: _Hold, traceparent: str | None
     ) -> None:
         handler = self.handlers.get(task.capability)
         started_at = time.time()
         if task.task_id in self._cancelled:
-            await self._report(msg, task, None, _error(ErrorType.CANCELLED, "cancelled"))
+            await self._report(delivery, task, None, _error(ErrorType.CANCELLED, "cancelled"))
             return
         if started_at > task.deadline:
             message = "the task's timeout passed before a worker could start it"
-            await self._report(msg, task, None, _error(ErrorType.EXPIRED, message))
+            await self._report(delivery, task, None, _error(ErrorType.EXPIRED, message))
             return
         if handler is None:  # only if a queue is shared with another app's capability
-            await self._dead_letter(msg, "no_handler", f"no handler for {task.capability!r}")
+            await self._dead_letter(delivery, "no_handler", f"no handler for {task.capability!r}")
             return
         # `started` is sent only if the attempt is still running after STARTED_DELAY: a short
         # task's outcome says all it would (one message less per task, under load).
@@ -335,46 +356,34 @@ class Worker:
                 else contextlib.nullcontext()
             )
             with context:
-                await self._execute_in_span(msg, task, handler, started_at, hold, span)
+                await self._execute_in_span(delivery, task, handler, started_at, hold, span)
 
     async def _execute_in_span(
         self,
-        msg: IncomingMessage,
+        delivery: Delivery,
         task: TaskMessage,
         handler: Handler,
         started_at: float,
         hold: _Hold,
         span: tracing.Span,
     ) -> None:
-        started = asyncio.ensure_future(self._announce_start(task, started_at))
+        started = _StartNotice(self, task, started_at)
         try:
-            error = await self._attempt(msg, task, handler, started_at, hold, started)
+            error = await self._attempt(delivery, task, handler, started_at, hold, started)
             if error is not None:
                 span.fail(f"{error.type.value}: {error.message}")
         finally:
             started.cancel()
-            (failed,) = await asyncio.gather(started, return_exceptions=True)
-            if isinstance(failed, Exception):
-                log.warning("`started` of task %s was not confirmed: %s", task.task_id, failed)
-
-    async def _announce_start(self, task: TaskMessage, started_at: float) -> None:
-        await asyncio.sleep(STARTED_DELAY)
-        event = StartedEvent(
-            task_id=task.task_id,
-            attempt=task.attempt,
-            worker_id=self.worker_id,
-            started_at=started_at,
-        )
-        await asyncio.shield(self._publish_event(Kind.STARTED, event))
+            await started.wait()
 
     async def _attempt(
         self,
-        msg: IncomingMessage,
+        delivery: Delivery,
         task: TaskMessage,
         handler: Handler,
         started_at: float,
         hold: _Hold,
-        started: asyncio.Future[None],
+        started: _StartNotice,
     ) -> ErrorInfo | None:
         """Run the handler once and report; return the attempt's error, if any."""
         result: Any = None
@@ -396,12 +405,11 @@ class Worker:
             error = _error(ErrorType.CANCELLED, "cancelled while running")
         except Exception as exc:
             error = _error(ErrorType.HANDLER_ERROR, str(exc) or repr(exc), exc)
-        if not started.done():
-            started.cancel()  # finished before `started` was due: the outcome tells it all
+        started.cancel()  # finished before `started` was due: the outcome tells it all
         self.executed += 1
         self.metrics.execution.labels(task.capability).observe(time.monotonic() - clock)
         if error is None:
-            await self._report(msg, task, started_at, None, result)
+            await self._report(delivery, task, started_at, None, result)
             return None
         policy = task.retry.apply(handler.retry) if task.retry else handler.retry
         now = time.time()
@@ -416,15 +424,15 @@ class Worker:
             ):
                 # Retries exhausted (or no time left for one): keep it for `amqpsched dlq`.
                 await self._dead_letter(
-                    msg,
+                    delivery,
                     "retries_exhausted",
                     f"{error.type.value}: {error.message}",
                     settle=False,
                     task=task,
                 )
-            await self._report(msg, task, started_at, error)
+            await self._report(delivery, task, started_at, error)
         else:
-            await self._retry(msg, task, error, delay_ms, started_at)
+            await self._retry(delivery, task, error, delay_ms, started_at)
         return error
 
     async def _run(
@@ -449,7 +457,7 @@ class Worker:
 
     async def _retry(
         self,
-        msg: IncomingMessage,
+        delivery: Delivery,
         task: TaskMessage,
         error: ErrorInfo,
         delay_ms: int,
@@ -486,7 +494,7 @@ class Worker:
                 started_at=started_at,
             ),
         )
-        await transport.settle(msg)
+        await delivery.settle()
         self.metrics.tasks.labels(task.capability, "retrying").inc()
         log.info(
             "task %s attempt %d failed (%s): retry in %.1fs",
@@ -498,7 +506,7 @@ class Worker:
 
     async def _report(
         self,
-        msg: IncomingMessage,
+        delivery: Delivery,
         task: TaskMessage,
         started_at: float | None,
         error: ErrorInfo | None,
@@ -520,7 +528,7 @@ class Worker:
         )
         # The outcome is confirmed by the broker before the task is acked: never lost.
         await self._publish_event(Kind.OUTCOME, outcome)
-        await transport.settle(msg)
+        await delivery.settle()
         self.metrics.tasks.labels(
             task.capability, error.type.value if error else Status.SUCCEEDED.value
         ).inc()
@@ -530,22 +538,48 @@ class Worker:
     async def _publish_event(
         self, kind: Kind, event: StartedEvent | OutcomeEvent | RetryingEvent
     ) -> None:
+        traceparent = tracing.current_traceparent()
+        if isinstance(event, OutcomeEvent):
+            await self._outcomes.add((event, traceparent, encode(event)))
+            return
+        await self._publish_one(kind, event, traceparent)
+
+    async def _publish_one(
+        self,
+        kind: Kind,
+        event: StartedEvent | OutcomeEvent | RetryingEvent,
+        traceparent: str | None,
+        body: bytes | None = None,
+    ) -> None:
         assert self._events is not None
         await transport.publish(
             self._events,
             transport.message(
-                encode(event),
+                encode(event) if body is None else body,
                 kind,
                 message_id=event.task_id,
-                headers=tracing.headers(tracing.current_traceparent()),
+                headers=tracing.headers(traceparent),
             ),
+            self.topology.results_queue,
+            mandatory=True,
+        )
+
+    async def _send_outcomes(self, items: list[tuple[OutcomeEvent, str | None, bytes]]) -> None:
+        if len(items) == 1:
+            await self._publish_one(Kind.OUTCOME, *items[0])
+            return
+        assert self._events is not None
+        body = batch_body(b"events", [b for _, _, b in items], [tp for _, tp, _ in items])
+        await transport.publish(
+            self._events,
+            transport.message(body, Kind.OUTCOME_BATCH),
             self.topology.results_queue,
             mandatory=True,
         )
 
     async def _dead_letter(
         self,
-        msg: IncomingMessage,
+        delivery: Delivery,
         reason: str,
         detail: str,
         *,
@@ -557,7 +591,7 @@ class Worker:
         await transport.publish(
             dlx,
             transport.dead_letter_message(
-                msg,
+                delivery.source,
                 reason=reason,
                 error=detail,
                 source="worker",
@@ -568,9 +602,41 @@ class Worker:
             "",
         )
         if settle:
-            await transport.settle(msg)
+            await delivery.settle()
         self.metrics.dead_lettered.labels(reason).inc()
-        log.warning("dead-lettered message %s: %s: %s", msg.message_id, reason, detail)
+        log.warning("dead-lettered message %s: %s: %s", delivery.source.message_id, reason, detail)
+
+
+class _StartNotice:
+    """``started`` is sent only if the attempt still runs after STARTED_DELAY: a short task's
+    outcome says all it would (one message less per task, and no task of its own until due)."""
+
+    def __init__(self, worker: Worker, task: TaskMessage, started_at: float) -> None:
+        self._worker = worker
+        self._task = task
+        self._started_at = started_at
+        self._sending: asyncio.Future[None] | None = None
+        self._timer = asyncio.get_running_loop().call_later(STARTED_DELAY, self._send)
+
+    def _send(self) -> None:
+        event = StartedEvent(
+            task_id=self._task.task_id,
+            attempt=self._task.attempt,
+            worker_id=self._worker.worker_id,
+            started_at=self._started_at,
+        )
+        self._sending = asyncio.ensure_future(self._worker._publish_event(Kind.STARTED, event))
+
+    def cancel(self) -> None:
+        """Not due yet: never sent. Being sent: it goes on."""
+        self._timer.cancel()
+
+    async def wait(self) -> None:
+        if self._sending is None:
+            return
+        (failed,) = await asyncio.gather(self._sending, return_exceptions=True)
+        if isinstance(failed, Exception):
+            log.warning("`started` of task %s was not confirmed: %s", self._task.task_id, failed)
 
 
 class _Hold:
