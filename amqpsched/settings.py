@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
+AMQP_SCHEMES = ("amqp", "amqps")
+#: Separates the broker URLs of ``AMQPSCHED_AMQP_URL`` (a ``,`` in a password is written ``%2C``).
+URL_SEPARATOR = ","
 
 
 def mask_url(url: str) -> str:
@@ -22,6 +25,55 @@ def mask_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
+def _parse_amqp_url(url: str) -> SplitResult | None:
+    """``url`` split, if it is an ``amqp://`` or ``amqps://`` URL with a host; else None."""
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises ValueError on a malformed port
+    except ValueError:
+        return None
+    if parts.scheme not in AMQP_SCHEMES or not parts.hostname:
+        return None
+    return parts
+
+
+def split_urls(value: str) -> tuple[str, ...]:
+    """The broker addresses in ``value``: one URL, or several separated by commas (the nodes of a
+    cluster). All must use the same scheme (TLS applies to every address or to none) and vhost.
+
+    Raises :class:`ValueError` whose message holds no part of ``value`` (it may hold passwords).
+    """
+    urls = tuple(part.strip() for part in value.split(URL_SEPARATOR) if part.strip())
+    if not urls:
+        raise ValueError("no broker URL")
+    schemes: set[str] = set()
+    vhosts: set[str] = set()
+    for number, url in enumerate(urls, 1):
+        parts = _parse_amqp_url(url)
+        if parts is None:
+            which = f"broker URL {number} of {len(urls)}" if len(urls) > 1 else "the broker URL"
+            hint = f" (a {URL_SEPARATOR!r} in a password is written %2C)" if len(urls) > 1 else ""
+            raise ValueError(f"{which} is not an amqp:// or amqps:// URL with a host{hint}")
+        schemes.add(parts.scheme)
+        vhosts.add(parts.path if parts.path not in ("", "/") else "/")
+    if len(schemes) > 1:
+        raise ValueError("the broker URLs mix amqp:// and amqps://: use TLS for all or for none")
+    if len(vhosts) > 1:
+        raise ValueError("the broker URLs name different vhosts")
+    return urls
+
+
+def mask_urls(value: str) -> str:
+    """``value`` (one broker URL or several, comma-separated) safe for logs: each password
+    becomes ``***``, and a part that is not a URL is not shown at all."""
+    shown = []
+    for part in value.split(URL_SEPARATOR):
+        url = part.strip()
+        if url:
+            shown.append(mask_url(url) if _parse_amqp_url(url) else "<not a URL>")
+    return URL_SEPARATOR.join(shown)
+
+
 class Settings(BaseSettings):
     """Settings shared by the scheduler, the workers and the client SDK."""
 
@@ -31,11 +83,20 @@ class Settings(BaseSettings):
         env_file_encoding="utf-8",
         extra="ignore",
         frozen=True,
+        hide_input_in_errors=True,  # a rejected broker URL may hold a password
     )
 
     amqp_url: SecretStr = Field(
         default=SecretStr(DEFAULT_AMQP_URL),
-        description="Broker URL (amqp:// or amqps://). The password never appears in logs.",
+        description="Broker URL (amqp:// or amqps://), or several separated by commas (the nodes "
+        "of a cluster): connect to the first that answers, fail over to the others when the "
+        "connection is lost. The password never appears in logs.",
+    )
+    connect_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds one connection attempt to one broker address may take before the "
+        "next address is tried.",
     )
     tls_ca_file: str | None = Field(
         default=None,
@@ -123,8 +184,18 @@ class Settings(BaseSettings):
         "and trace_id when a line is about a task.",
     )
 
+    @field_validator("amqp_url")
+    @classmethod
+    def _valid_broker_urls(cls, value: SecretStr) -> SecretStr:
+        split_urls(value.get_secret_value())
+        return value
+
+    def amqp_urls(self) -> tuple[SecretStr, ...]:
+        """The broker addresses, in the order they are tried."""
+        return tuple(SecretStr(url) for url in split_urls(self.amqp_url.get_secret_value()))
+
     def amqp_url_masked(self) -> str:
-        return mask_url(self.amqp_url.get_secret_value())
+        return mask_urls(self.amqp_url.get_secret_value())
 
     def __repr_args__(self):  # type: ignore[no-untyped-def]
         # SecretStr already hides the password; keep the masked URL visible for debugging.

@@ -7,11 +7,12 @@ import asyncio
 import logging
 import ssl
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import aio_pika
 import aiormq.exceptions
@@ -22,10 +23,11 @@ from aio_pika.abc import (
     AbstractRobustConnection,
     DeliveryMode,
 )
+from yarl import URL
 
 from .errors import BrokerError, ConfigurationError
 from .protocol import CONTENT_TYPE, Kind
-from .settings import Settings
+from .settings import Settings, mask_url
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +66,12 @@ SETTLE_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def ssl_context(settings: Settings) -> ssl.SSLContext | None:
-    """The TLS context for an ``amqps://`` URL: verifies the broker (settings' CA or the system's)
-    and presents a client certificate when one is set."""
-    if not settings.amqp_url.get_secret_value().startswith("amqps://"):
+    """The TLS context for ``amqps://`` URLs: verifies the broker (settings' CA or the system's)
+    and presents a client certificate when one is set. One context serves every address (settings
+    refuse a mix of amqp:// and amqps://); each address's certificate is checked against its own
+    host name."""
+    schemes = {urlsplit(url.get_secret_value()).scheme for url in settings.amqp_urls()}
+    if "amqps" not in schemes:
         return None
     context = ssl.create_default_context(cafile=settings.tls_ca_file)
     if settings.tls_cert_file:
@@ -74,22 +79,72 @@ def ssl_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
+class FailoverConnection(aio_pika.RobustConnection):
+    """A robust connection to one of several broker addresses (the nodes of a cluster).
+
+    aio-pika's :class:`~aio_pika.RobustConnection` reconnects to the one URL it was made with;
+    this one moves on to the next address, round robin, each time the connection is lost or a
+    reconnect attempt fails. Everything else is RobustConnection's: it restores channels, QoS,
+    exchanges, queues, bindings and consumers, then calls ``reconnect_callbacks``.
+
+    The hook is ``_on_connection_close``: aio-pika calls it when an established connection closes
+    and also when an attempt fails (``UnderlayConnection.connect``), before its reconnect loop
+    makes the next attempt with ``self.url``.
+    """
+
+    def __init__(self, urls: Sequence[str], first: int = 0, **kwargs: Any) -> None:
+        if not urls:
+            raise ValueError("no broker URL")
+        self.urls = tuple(URL(url) for url in urls)
+        self._current = first % len(self.urls)
+        super().__init__(self.urls[self._current], **kwargs)
+
+    async def _on_connection_close(self, closing: asyncio.Future[Any]) -> None:
+        # Only once connected: the first attempt to each address is made by ``connect`` below.
+        if len(self.urls) > 1 and self.connection_attempt and not self._close_called:
+            lost = self.url
+            self._current = (self._current + 1) % len(self.urls)
+            self.url = self.urls[self._current]
+            log.warning(
+                "broker %s is gone or does not answer; the next attempt goes to %s",
+                mask_url(str(lost)),
+                mask_url(str(self.url)),
+            )
+        await super()._on_connection_close(closing)
+
+
 async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
-    """A robust connection: it reconnects by itself and restores channels, queues and consumers."""
+    """A robust connection to the first broker address that answers (settings' order). It
+    reconnects by itself, to any of the addresses, and restores channels, queues and consumers."""
+    try:
+        urls = [url.get_secret_value() for url in settings.amqp_urls()]
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from exc
     try:
         context = ssl_context(settings)
     except (OSError, ValueError) as exc:
         raise ConfigurationError(f"cannot set up TLS: {exc}") from exc
-    try:
-        return await aio_pika.connect_robust(
-            settings.amqp_url.get_secret_value(),
-            client_properties={"connection_name": name},
+    failures: list[str] = []
+    for first, url in enumerate(urls):
+        conn = FailoverConnection(
+            urls,
+            first,
             ssl_context=context,
+            client_properties={"connection_name": name},
         )
-    except BROKER_ERRORS as exc:
-        raise BrokerError(
-            f"cannot connect to {settings.amqp_url_masked()}: {exc.__class__.__name__}: {exc}"
-        ) from exc
+        try:
+            await conn.connect(timeout=settings.connect_timeout)
+        except BROKER_ERRORS as exc:
+            await conn.close()
+            failures.append(f"{mask_url(url)}: {exc.__class__.__name__}: {exc}")
+            continue
+        except BaseException:
+            await conn.close()  # its reconnect task, when the caller gives up (cancels)
+            raise
+        if first:
+            log.warning("connected to broker %s; the ones before it did not answer", mask_url(url))
+        return conn
+    raise BrokerError(f"cannot connect to {'; '.join(failures)}")
 
 
 @asynccontextmanager

@@ -21,7 +21,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import pytest
@@ -47,20 +47,38 @@ def find_sbin() -> Path | None:
     return Path(server).parent if server else None
 
 
-def free_port(low: int = 20000, high: int = 50000) -> int:
+def _ephemeral_ports_start() -> int:
+    """The first port the kernel hands to outgoing connections (Linux; else the IANA start)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 49152
+
+
+def free_port(low: int = 20000, high: int | None = None, avoid: Collection[int] = ()) -> int:
     """A TCP port nobody listens on now, in ``[low, high)``, away from RabbitMQ's defaults
-    (25672 distribution, 35672-35682 rabbitmqctl)."""
+    (25672 distribution, 35672-35682 rabbitmqctl) and from ``avoid``.
+
+    ``high`` defaults to where the ephemeral ports start (at most 50000): a node that starts again
+    on its port must not find it taken by some outgoing connection (rabbitmqctl's, another node's).
+    """
+    if high is None:
+        high = max(low + 1000, min(50000, _ephemeral_ports_start()))
     for _ in range(200):
         port = low + secrets.randbelow(high - low)
-        if port in RESERVED_PORTS:
+        if port in RESERVED_PORTS or port in avoid:
             continue
         if _port_free(port):
             return port
     raise RuntimeError("no free port found")
 
 
-def _port_free(port: int) -> bool:
+def _port_free(port: int, reuse_addr: bool = False) -> bool:
+    """Nobody listens on ``port``; with ``reuse_addr`` (as the Erlang VM binds), connections of
+    a stopped node still in TIME_WAIT do not count."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        if reuse_addr:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
@@ -82,19 +100,30 @@ class RabbitNodeError(RuntimeError):
 
 class RabbitNode:
     """One private RabbitMQ node. ``start()`` / ``stop()`` / ``restart()`` keep its data
-    directory, so durable (quorum) queues and their messages survive a restart."""
+    directory, so durable (quorum) queues and their messages survive a restart.
 
-    def __init__(self, base: Path, sbin: Path | None = None) -> None:
+    ``cookie``: the Erlang cookie (nodes of one cluster share it; default: Erlang makes one).
+    ``avoid_ports``: ports other nodes of the test will use. ``erl_args``: added to the VM's.
+    """
+
+    def __init__(
+        self,
+        base: Path,
+        sbin: Path | None = None,
+        *,
+        cookie: str | None = None,
+        avoid_ports: Collection[int] = (),
+        erl_args: str = "",
+    ) -> None:
         found = sbin or find_sbin()
         if found is None:
             raise RabbitNodeError("rabbitmq-server not found (set RABBITMQ_SBIN)")
         self.sbin = found
         self.base = base
         self.nodename = f"amqpsched-test-{secrets.token_hex(4)}@localhost"
-        self.port = free_port()
-        self.dist_port = free_port()
-        while self.dist_port == self.port:
-            self.dist_port = free_port()
+        self.port = free_port(avoid=avoid_ports)
+        self.dist_port = free_port(avoid={*avoid_ports, self.port})
+        self.erl_args = erl_args
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/"
         self._proc: subprocess.Popen[bytes] | None = None
         self._starts = 0
@@ -113,6 +142,10 @@ class RabbitNode:
         )
         (base / "enabled_plugins").write_text("[].\n")
         (base / "rabbitmq-env.conf").write_text("")  # not /etc/rabbitmq/rabbitmq-env.conf
+        if cookie is not None:
+            path = base / "home" / ".erlang.cookie"
+            path.write_text(cookie)
+            path.chmod(0o400)  # Erlang refuses a cookie others can read
 
     # -- environment -------------------------------------------------------------------------
     def env(self) -> dict[str, str]:
@@ -133,7 +166,9 @@ class RabbitNode:
             RABBITMQ_CONF_ENV_FILE=str(base / "rabbitmq-env.conf"),
             RABBITMQ_ENABLED_PLUGINS_FILE=str(base / "enabled_plugins"),
             RABBITMQ_PID_FILE=str(base / "rabbitmq.pid"),
-            RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}",
+            RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS=(
+                f"-kernel inet_dist_use_interface {{127,0,0,1}} {self.erl_args}".rstrip()
+            ),
             ERL_EPMD_ADDRESS="127.0.0.1",
         )
         return env
@@ -156,8 +191,12 @@ class RabbitNode:
         """Start the node; return when it accepts AMQP connections. Returns the seconds taken."""
         if self.running:
             raise RabbitNodeError("node already running")
-        if not _port_free(self.port):
-            raise RabbitNodeError(f"port {self.port} is taken")
+        # A killed node's VM may take a moment to exit and free its ports.
+        freed_by = time.monotonic() + 10
+        while not all(_port_free(p, reuse_addr=True) for p in (self.port, self.dist_port)):
+            if time.monotonic() > freed_by:
+                raise RabbitNodeError(f"port {self.port} or {self.dist_port} is taken")
+            time.sleep(0.05)
         self._starts += 1
         log = (self.base / f"server-{self._starts}.log").open("wb")
         started = time.monotonic()

@@ -15,6 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
@@ -78,12 +79,14 @@ async def replay(
     apply: Callable[[str, bytes], None],
     timeout: float = 120.0,
     settle: float = 0.3,
+    since: float | None = None,
 ) -> int:
     """Read the whole journal, oldest first, calling ``apply(kind, body)`` on each record: kind
     ``task`` (a dispatch), ``answer``, or ``record`` (one JSON line). Return the count. The end is
     found by appending a marker first and reading until it comes back; then records go on being
     applied until none has come for ``settle`` seconds, because a scheduler that was just killed
-    may have publishes still on their way into the stream behind the marker."""
+    may have publishes still on their way into the stream behind the marker. With ``since`` (a
+    Unix time), only from about then on: a stream is read from the chunk holding that moment."""
     channel = await conn.channel(publisher_confirms=True)
     marker = uuid.uuid4().hex
     count = 0
@@ -128,7 +131,9 @@ async def replay(
                     log.exception("journal record skipped: %s", str(record)[:200])
             await msg.ack()
 
-        tag = await queue.consume(on_message, arguments={"x-stream-offset": "first"})
+        # From the start, or from a moment (the stream's chunks are found by their timestamps).
+        offset: str | datetime = "first" if since is None else datetime.fromtimestamp(since, UTC)
+        tag = await queue.consume(on_message, arguments={"x-stream-offset": offset})
         try:
             await asyncio.wait_for(done.wait(), timeout)
             quiet_until = time.monotonic() + 10 * settle

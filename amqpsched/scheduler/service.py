@@ -20,6 +20,7 @@ from ..protocol import (
     ACCEPT_HEADER,
     REQUEST_MODELS,
     Answer,
+    AnswerBatch,
     CapabilitiesReply,
     ErrorType,
     Kind,
@@ -54,6 +55,10 @@ log = logging.getLogger("amqpsched.scheduler")
 #: lasting fault does not become a hot loop.
 REQUEUE_PAUSE = 0.5
 KIND_NAMES = frozenset(k.value for k in Kind)
+#: Seconds before an unconfirmed answer from which the journal is read to find it.
+UNSURE_MARGIN = 30.0
+#: Seconds an unsure answer is remembered (its outcome comes back long before).
+UNSURE_KEEP = 3600.0
 
 
 class Scheduler:
@@ -81,6 +86,12 @@ class Scheduler:
         self._stopped = asyncio.Event()
         #: Cancelled task id -> deadline, re-announced to workers that say hello.
         self._cancels: dict[str, float] = {}
+        #: Running tasks of workers declared dead -> that worker, until dispatched again.
+        self._orphans: dict[str, str] = {}
+        #: Tasks whose answer was sent but not confirmed (the broker went away) -> when: it may
+        #: have gone out, so the journal is asked before answering them again.
+        self._unsure: dict[str, float] = {}
+        self._journal_check: tuple[float, asyncio.Future[dict[str, Answer]]] | None = None
         self.consuming = False
         self.fenced = 0
         self.metrics.registry.register(
@@ -517,6 +528,12 @@ class Scheduler:
     def _outcome(self, ev: OutcomeEvent, traceparent: str | None) -> asyncio.Future[Any] | None:
         """Answer the task of an outcome; the future is done once the answer is confirmed."""
         record = self.store.get(ev.task_id)
+        if record is not None and record.answering is not None:
+            # Answered, but not confirmed yet (a broker restart may be under way): this outcome
+            # is acked only once that answer is; if it fails, this outcome answers instead.
+            return asyncio.ensure_future(self._outcome_after(record.answering, ev, traceparent))
+        if record is not None and ev.task_id in self._unsure:
+            return asyncio.ensure_future(self._outcome_checked(ev, traceparent))
         if record is not None and (record.final or is_fenced(record, ev.attempt)):
             if is_fenced(record, ev.attempt):
                 self.fenced += 1
@@ -557,6 +574,57 @@ class Scheduler:
             ):
                 log.debug("task %s %s on %s", ev.task_id, ev.status.value, ev.worker_id)
         return self._finish_nowait(record, answer, time.time())
+
+    async def _outcome_after(
+        self, answering: asyncio.Future[Any], ev: OutcomeEvent, traceparent: str | None
+    ) -> None:
+        await asyncio.wait([answering])
+        if answering.cancelled() or answering.exception() is not None:
+            again = self._outcome(ev, traceparent)
+            if again is not None:
+                await again
+
+    async def _outcome_checked(self, ev: OutcomeEvent, traceparent: str | None) -> None:
+        """An outcome of a task whose earlier answer may or may not have gone out: if the
+        journal has that answer (it is journaled by the publish that sends it), it went out,
+        and is not sent twice."""
+        failed_at = self._unsure.get(ev.task_id)
+        if failed_at is not None:
+            sent = (await self._answers_in_journal(failed_at)).get(ev.task_id)
+            self._unsure.pop(ev.task_id, None)
+            record = self.store.get(ev.task_id)
+            if sent is not None and record is not None and not record.final:
+                self.store.finish(record, sent, sent.finished_at or time.time())
+                log.info("answer of %s found in the journal: it went out", ev.task_id)
+                return
+        again = self._outcome(ev, traceparent)
+        if again is not None:
+            await again
+
+    async def _answers_in_journal(self, failed_at: float) -> dict[str, Answer]:
+        """The answers journaled since a little before the earliest unsure one, read once for
+        every outcome waiting on it (a read that began before ``failed_at`` does not count)."""
+        check = self._journal_check
+        if check is None or check[0] < failed_at or (check[1].done() and check[1].exception()):
+            since = min(self._unsure.values(), default=failed_at) - UNSURE_MARGIN
+            check = self._journal_check = (time.time(), asyncio.ensure_future(self._read(since)))
+        return await asyncio.shield(check[1])
+
+    async def _read(self, since: float) -> dict[str, Answer]:
+        found: dict[str, Answer] = {}
+
+        def collect(kind: str, body: bytes) -> None:
+            if kind == Kind.ANSWER:
+                answers = [decode_event(Answer, body)]
+            elif kind == Kind.ANSWER_BATCH:
+                answers = [a.answer for a in decode_event(AnswerBatch, body).answers]
+            else:
+                return
+            found.update((a.task_id, a) for a in answers if a.task_id)
+
+        assert self._conn is not None
+        await replay(self._conn, self.topology, collect, since=since)
+        return found
 
     async def _on_dead_task(self, msg: IncomingMessage, task: TaskMessage) -> None:
         """A task the broker dead-lettered from its capability queue: delivered ``delivery_limit``
@@ -600,14 +668,17 @@ class Scheduler:
         self.store.finish(record, answer, now)  # final at once for status queries
         # Sent and journaled by one publish: after a crash, a restarted scheduler knows exactly
         # which answers went out.
-        done = self.outbox.answer_nowait(
+        done = record.answering = self.outbox.answer_nowait(
             [t for t in targets if t[0]], answer, record.traceparent, record.batch_reply
         )
 
         def answered(fut: asyncio.Future[Any]) -> None:
+            if record.answering is fut:
+                record.answering = None
             if fut.cancelled() or fut.exception() is not None:
                 self.store.reopen(record, state, watchers)  # the redelivery will answer it
                 record.task = task
+                self._unsure[record.task_id] = time.time()
                 return
             outcome = answer.error.type.value if answer.error else answer.status.value
             counters = self.metrics.of(record.capability)
@@ -668,13 +739,24 @@ class Scheduler:
                 worker_id,
                 len(lost),
             )
-            await asyncio.gather(*(self._redispatch(record, worker_id, now) for record in lost))
+            self._orphans.update((record.task_id, worker_id) for record in lost)
+        # Tasks of dead workers, until dispatched again (a failed dispatch is retried here).
+        orphans = []
+        for task_id, worker_id in list(self._orphans.items()):
+            record = self.store.get(task_id)
+            if record is None or record.final or record.worker_id != worker_id:
+                del self._orphans[task_id]  # answered or taken up meanwhile
+            else:
+                orphans.append((record, worker_id))
+        if orphans:
+            await asyncio.gather(*(self._redispatch(r, w, now) for r, w in orphans))
         # After a start, give workers one liveness window to be heard before telling
         # "no worker" from "expired".
         due = self.store.due(now) if now > self._started_at + self.registry.liveness_window else []
         if due:
             await asyncio.gather(*(self._expire(record, now) for record in due))
         self._cancels = {k: v for k, v in self._cancels.items() if v > now}
+        self._unsure = {k: v for k, v in self._unsure.items() if v > now - UNSURE_KEEP}
         self.store.purge(now)
 
     async def _redispatch(self, record: TaskRecord, worker_id: str, now: float) -> None:
@@ -683,18 +765,17 @@ class Scheduler:
             detail = f"worker {worker_id} died while running the task"
             await self._finish(record, failure(record, ErrorType.WORKER_LOST, detail, now), now)
             return
-        record.attempt += 1
+        task = record.task.model_copy(update={"attempt": record.attempt + 1})
+        await self.outbox.dispatch(task, record.traceparent)  # failed: the next sweep retries
+        self._orphans.pop(record.task_id, None)
+        self.metrics.dispatched.labels(record.capability).inc()
+        self.metrics.redispatched.labels(record.capability).inc()
+        if record.final or record.worker_id != worker_id:
+            return  # its first attempt answered (or was heard from) while this one was sent
+        # From now on, outcomes of the attempt that was running are fenced off.
+        record.attempt, record.task = task.attempt, task
         record.worker_id = None
         record.state = TaskState.DISPATCHED
-        record.task = record.task.model_copy(update={"attempt": record.attempt})
-        try:
-            await self.outbox.dispatch(record.task, record.traceparent)
-            self.metrics.dispatched.labels(record.capability).inc()
-            self.metrics.redispatched.labels(record.capability).inc()
-        except AmqpschedError:
-            record.state = TaskState.RUNNING  # try again on the next sweep
-            record.worker_id = worker_id
-            raise
         log.warning("task %s dispatched again as attempt %d", record.task_id, record.attempt)
 
     async def _expire(self, record: TaskRecord, now: float) -> None:
