@@ -42,6 +42,8 @@ H_TASK_ID = "x-amqpsched-task-id"
 H_ATTEMPTS = "x-amqpsched-attempts"
 #: On a submission: run the task again even if its id is known (``amqpsched dlq replay``).
 H_REPLAY = "x-amqpsched-replay"
+#: On journaled messages: the id of the scheduler that wrote them.
+H_SCHEDULER = "x-amqpsched-scheduler"
 #: Unique id of one dead-lettered message, for ``amqpsched dlq``.
 H_DEAD_ID = "x-amqpsched-dead-id"
 H_ORIGINAL_TYPE = "x-amqpsched-original-type"

@@ -102,9 +102,9 @@ class System:
         env.update(extra)
         return env
 
-    async def scheduler(self, **overrides: Any) -> Scheduler:
+    async def scheduler(self, scheduler_id: str | None = None, **overrides: Any) -> Scheduler:
         settings = self.settings.model_copy(update=overrides) if overrides else self.settings
-        sched = Scheduler(settings)
+        sched = Scheduler(settings, scheduler_id)
         await sched.start()
         self._cleanup.append(sched.stop)
         return sched

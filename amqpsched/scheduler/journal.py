@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
 
 from .. import transport
 from ..errors import BrokerError
@@ -38,9 +38,12 @@ def cancelled(task_id: str, until: float) -> Record:
 
 
 class Journal:
-    def __init__(self, channel: AbstractChannel, topology: Topology) -> None:
+    def __init__(
+        self, channel: AbstractChannel, topology: Topology, scheduler_id: str | None = None
+    ) -> None:
         self.channel = channel
         self.topology = topology
+        self._headers = {transport.H_SCHEDULER: scheduler_id} if scheduler_id else None
         self._batch: list[tuple[Record, asyncio.Future[None]]] = []
         self._flusher: asyncio.Future[None] | None = None
 
@@ -59,7 +62,7 @@ class Journal:
             try:
                 await transport.publish(
                     self.channel.default_exchange,
-                    transport.message(body, Kind.JOURNAL, persistent=True),
+                    transport.message(body, Kind.JOURNAL, persistent=True, headers=self._headers),
                     self.topology.journal_queue,
                     mandatory=True,
                 )
@@ -73,6 +76,124 @@ class Journal:
                     fut.set_result(None)
 
 
+Apply = Callable[[str, bytes, str | None], None]
+
+
+class JournalReader:
+    """Reads the journal oldest first, calling ``apply(kind, body, origin)`` on each entry:
+    kind ``task``/``task_batch`` (dispatches), ``answer``/``answer_batch``, or ``record`` (one
+    JSON line); ``origin`` is the id of the scheduler that wrote it (None if unknown).
+
+    :meth:`read` returns once the end is reached. The end is found by appending a marker first
+    and reading until it comes back; then entries go on being applied until none has come for
+    ``settle`` seconds, because a scheduler that was just killed may have publishes still on
+    their way into the stream behind the marker. With ``follow``, it goes on reading what other
+    schedulers write, until :meth:`close`."""
+
+    def __init__(self, conn: AbstractRobustConnection, topology: Topology, apply: Apply) -> None:
+        self.conn = conn
+        self.topology = topology
+        self.apply = apply
+        self.count = 0
+        #: Stream offset of the last entry applied: what a restored consumer delivers again is
+        #: skipped.
+        self.offset = -1
+        self._marker = uuid.uuid4().hex
+        self._done = asyncio.Event()
+        self._arrived = asyncio.Event()
+        self._channel: AbstractChannel | None = None
+        self._queue: AbstractQueue | None = None
+        self._tag: str | None = None
+
+    async def read(
+        self,
+        *,
+        follow: bool = False,
+        since: float | None = None,
+        timeout: float = 120.0,
+        settle: float = 0.3,
+    ) -> int:
+        """Read to the end (from ``since``, a Unix time: the stream is read from the chunk
+        holding that moment). Return the count of entries applied."""
+        try:
+            self._channel = channel = await self.conn.channel(publisher_confirms=True)
+            await channel.set_qos(prefetch_count=1000)
+            self._queue = queue = await channel.get_queue(self.topology.journal_queue)
+            await transport.publish(
+                channel.default_exchange,
+                aio_pika.Message(json.dumps({"k": "marker", "id": self._marker}).encode()),
+                self.topology.journal_queue,
+                mandatory=True,
+            )
+            start: str | datetime = "first" if since is None else datetime.fromtimestamp(since, UTC)
+            self._tag = await queue.consume(self._on_message, arguments={"x-stream-offset": start})
+            await asyncio.wait_for(self._done.wait(), timeout)
+            quiet_until = time.monotonic() + 10 * settle
+            while time.monotonic() < quiet_until:
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), settle)
+                except TimeoutError:
+                    break  # quiet: the journal is read
+        except transport.BROKER_ERRORS as exc:
+            await self.close()
+            raise BrokerError(f"cannot read the journal: {exc}") from exc
+        except BaseException:
+            await self.close()
+            raise
+        if not follow:
+            await self.close()
+        return self.count
+
+    async def close(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is None or channel.is_closed:
+            return
+        try:
+            if self._queue is not None and self._tag is not None:
+                await self._queue.cancel(self._tag)
+            await channel.close()
+        except transport.BROKER_ERRORS as exc:
+            log.debug("journal reader closed with %s", exc)
+
+    async def _on_message(self, msg: aio_pika.abc.AbstractIncomingMessage) -> None:
+        # Entries are applied before the first await, so in delivery order.
+        self._arrived.set()
+        headers = msg.headers or {}
+        offset = headers.get("x-stream-offset")
+        if isinstance(offset, int):
+            if offset <= self.offset:  # delivered again by a consumer restored after a reconnect
+                await msg.ack()
+                return
+            self.offset = offset
+        origin = headers.get(transport.H_SCHEDULER)
+        origin = origin if isinstance(origin, str) else None
+        if msg.type in JOURNALED_KINDS:
+            try:
+                self.apply(msg.type, msg.body, origin)
+                self.count += 1
+            except Exception:
+                log.exception("journal %s skipped", msg.type)
+            await msg.ack()
+            return
+        for line in msg.body.splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                log.warning("unreadable journal line skipped")
+                continue
+            if record.get("k") == "marker":
+                if record.get("id") == self._marker:
+                    self._done.set()
+                continue
+            try:
+                self.apply("record", line, origin)
+                self.count += 1
+            except Exception:
+                log.exception("journal record skipped: %s", str(record)[:200])
+        await msg.ack()
+
+
 async def replay(
     conn: AbstractRobustConnection,
     topology: Topology,
@@ -81,72 +202,6 @@ async def replay(
     settle: float = 0.3,
     since: float | None = None,
 ) -> int:
-    """Read the whole journal, oldest first, calling ``apply(kind, body)`` on each record: kind
-    ``task`` (a dispatch), ``answer``, or ``record`` (one JSON line). Return the count. The end is
-    found by appending a marker first and reading until it comes back; then records go on being
-    applied until none has come for ``settle`` seconds, because a scheduler that was just killed
-    may have publishes still on their way into the stream behind the marker. With ``since`` (a
-    Unix time), only from about then on: a stream is read from the chunk holding that moment."""
-    channel = await conn.channel(publisher_confirms=True)
-    marker = uuid.uuid4().hex
-    count = 0
-    done = asyncio.Event()
-    arrived = asyncio.Event()
-    try:
-        await channel.set_qos(prefetch_count=1000)
-        queue = await channel.get_queue(topology.journal_queue)
-        await transport.publish(
-            channel.default_exchange,
-            aio_pika.Message(json.dumps({"k": "marker", "id": marker}).encode()),
-            topology.journal_queue,
-            mandatory=True,
-        )
-
-        async def on_message(msg: aio_pika.abc.AbstractIncomingMessage) -> None:
-            # Records are applied before the first await, so in delivery order.
-            nonlocal count
-            arrived.set()
-            if msg.type in JOURNALED_KINDS:
-                try:
-                    apply(msg.type, msg.body)
-                    count += 1
-                except Exception:
-                    log.exception("journal %s skipped", msg.type)
-                await msg.ack()
-                return
-            for line in msg.body.splitlines():
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    log.warning("unreadable journal line skipped")
-                    continue
-                if record.get("k") == "marker":
-                    if record.get("id") == marker:
-                        done.set()
-                    continue
-                try:
-                    apply("record", line)
-                    count += 1
-                except Exception:
-                    log.exception("journal record skipped: %s", str(record)[:200])
-            await msg.ack()
-
-        # From the start, or from a moment (the stream's chunks are found by their timestamps).
-        offset: str | datetime = "first" if since is None else datetime.fromtimestamp(since, UTC)
-        tag = await queue.consume(on_message, arguments={"x-stream-offset": offset})
-        try:
-            await asyncio.wait_for(done.wait(), timeout)
-            quiet_until = time.monotonic() + 10 * settle
-            while time.monotonic() < quiet_until:
-                arrived.clear()
-                try:
-                    await asyncio.wait_for(arrived.wait(), settle)
-                except TimeoutError:
-                    break  # quiet: the journal is read
-        finally:
-            await queue.cancel(tag)
-    except transport.BROKER_ERRORS as exc:
-        raise BrokerError(f"cannot read the journal: {exc}") from exc
-    finally:
-        await channel.close()
-    return count
+    """Read the journal to its end once (see :class:`JournalReader`)."""
+    reader = JournalReader(conn, topology, lambda kind, body, _origin: apply(kind, body))
+    return await reader.read(since=since, timeout=timeout, settle=settle)

@@ -82,6 +82,7 @@ class Outbox:
         dead_lettered: Counter,
         batch_limit: Callable[[str], int] = lambda _capability: 1,
         tasks_per_message: Histogram | None = None,
+        scheduler_id: str | None = None,
     ) -> None:
         """``batch_limit(capability)``: most tasks one dispatch message may carry (1: no
         ``task_batch``, because a worker of that capability would not understand it)."""
@@ -90,6 +91,8 @@ class Outbox:
         self.topology = topology
         self._batch_limit = batch_limit
         self._tasks_per_message = tasks_per_message
+        #: Headers of what is journaled by its publish: who wrote it.
+        self._origin = {transport.H_SCHEDULER: scheduler_id} if scheduler_id else {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._dispatches: KeyedCoalescer[str, _Dispatch] = KeyedCoalescer(
             self._send_dispatches, size=lambda d: len(d[2])
@@ -162,7 +165,9 @@ class Outbox:
             body,
             Kind.ANSWER,
             correlation_id=corr,
-            headers=tracing.headers(traceparent, {"BCC": [self.topology.journal_queue]}),
+            headers=tracing.headers(
+                traceparent, {"BCC": [self.topology.journal_queue], **self._origin}
+            ),
         )
         await transport.publish(self.channel.default_exchange, msg, reply_to)
 
@@ -178,7 +183,7 @@ class Outbox:
         msg = transport.message(
             answer_batch_body([(corr, answer) for corr, answer, _ in items]),
             Kind.ANSWER_BATCH,
-            headers={"BCC": [self.topology.journal_queue]},
+            headers={"BCC": [self.topology.journal_queue], **self._origin},
         )
         await transport.publish(self.channel.default_exchange, msg, reply_to)
 
@@ -217,11 +222,12 @@ class Outbox:
                 Kind.TASK,
                 message_id=task.task_id,
                 correlation_id=task.correlation_id,
-                headers=tracing.headers(traceparent, {"BCC": [JOURNAL_KEY]}),
+                headers=tracing.headers(traceparent, {"BCC": [JOURNAL_KEY], **self._origin}),
             )
         else:
             body = batch_body(b"tasks", [b for _, _, b in items], [tp for _, tp, _ in items])
-            msg = transport.message(body, Kind.TASK_BATCH, headers={"BCC": [JOURNAL_KEY]})
+            headers = {"BCC": [JOURNAL_KEY], **self._origin}
+            msg = transport.message(body, Kind.TASK_BATCH, headers=headers)
         try:
             await transport.publish(exchange, msg, capability, mandatory=True)
         except BrokerError:

@@ -36,15 +36,19 @@ def apply_entry(store: TaskStore, cancels: dict[str, float], kind: str, body: by
             cancels[record["task_id"]] = record["until"]
 
 
-def apply_dispatch(store: TaskStore, task: TaskMessage) -> None:
+def apply_dispatch(store: TaskStore, task: TaskMessage, owner: str | None = None) -> None:
+    """A dispatch journaled by ``owner`` (a scheduler id; None if not known)."""
     known = store.get(task.task_id)
     if known is not None and not known.final:
         if task.attempt >= known.attempt:  # a re-dispatch
             known.attempt, known.task = task.attempt, task
+            known.owner = owner or known.owner
+            if task.attempt > known.attempts:
+                known.state, known.worker_id = TaskState.DISPATCHED, None
         return
     # New, or a later dispatch of a finished id: a replay from the dead-letter queue.
     if known is None or task.submitted_at >= (known.finished_at or 0.0):
-        store.add(TaskRecord.of(task, state=TaskState.DISPATCHED, recovered=True))
+        store.add(TaskRecord.of(task, state=TaskState.DISPATCHED, recovered=True, owner=owner))
 
 
 def apply_answer(store: TaskStore, answer: Answer) -> None:

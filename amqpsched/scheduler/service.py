@@ -4,6 +4,7 @@ answers clients. Decisions live in ``registry`` and ``state``; this module moves
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -32,6 +33,7 @@ from ..protocol import (
     SubmitBatch,
     SubmitBatchItem,
     SubmitRequest,
+    TaskBatch,
     TaskMessage,
     TaskQuery,
     TaskState,
@@ -43,13 +45,20 @@ from ..protocol import (
 from ..settings import Settings
 from ..topology import Topology
 from ..transport import IncomingMessage
-from .journal import Journal, cancelled, replay
+from .journal import Journal, JournalReader, cancelled, replay
 from .outbox import Outbox, failure
-from .recovery import apply_entry
+from .peers import Peers
+from .recovery import apply_answer, apply_dispatch, apply_entry
 from .registry import WorkerRegistry
 from .state import MemoryTaskStore, TaskRecord, is_fenced, timeout_error
 
 log = logging.getLogger("amqpsched.scheduler")
+
+
+def _log_failure(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.warning("could not send an answer: %s", fut.exception())
+
 
 #: Seconds to wait before handing back a message whose handling failed on the broker side, so a
 #: lasting fault does not become a hot loop.
@@ -91,6 +100,10 @@ class Scheduler:
         #: Tasks whose answer was sent but not confirmed (the broker went away) -> when: it may
         #: have gone out, so the journal is asked before answering them again.
         self._unsure: dict[str, float] = {}
+        #: Other schedulers running side by side (known from the journal they all follow).
+        self.peers = Peers(self.scheduler_id, self.registry.liveness_window)
+        self._reader: JournalReader | None = None
+        self._alive_at = 0.0
         self._journal_check: tuple[float, asyncio.Future[dict[str, Answer]]] | None = None
         self.consuming = False
         self.fenced = 0
@@ -127,10 +140,15 @@ class Scheduler:
                 self.metrics.dead_lettered,
                 self.registry.batch_limit,
                 self.metrics.tasks_per_message,
+                self.scheduler_id,
             )
             transport.on_reconnect(self._conn, self.metrics.reconnects.inc)
-            self._journal = Journal(channel, topo)
-            recovered = await replay(self._conn, topo, self._apply)
+            self._journal = Journal(channel, topo, self.scheduler_id)
+            # Read the journal to its end, then go on following it: what other schedulers
+            # dispatch, answer and cancel is known here too.
+            self._reader = JournalReader(self._conn, topo, self._apply_entry)
+            recovered = await self._reader.read(follow=True)
+            await self._alive()
             if recovered:
                 log.info("recovered %d journal record(s), %d task(s)", recovered, len(self.store))
             registry_queue = await topo.declare_registry_queue(channel, self.scheduler_id)
@@ -157,6 +175,15 @@ class Scheduler:
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
+        if self._journal is not None and self._conn is not None:
+            try:  # the others take over its tasks' timers at once
+                await asyncio.wait_for(
+                    self._journal.append({"k": "gone", "s": self.scheduler_id}), 2
+                )
+            except (AmqpschedError, TimeoutError) as exc:
+                log.warning("could not say goodbye in the journal: %s", exc)
+        if self._reader is not None:
+            await self._reader.close()
         if self._conn is not None:
             await self._conn.close()
         self._stopped.set()
@@ -180,6 +207,52 @@ class Scheduler:
 
     def _apply(self, kind: str, body: bytes) -> None:
         apply_entry(self.store, self._cancels, kind, body)
+
+    def _apply_entry(self, kind: str, body: bytes, origin: str | None) -> None:
+        """A journal entry, at start or written since by another scheduler."""
+        if origin == self.scheduler_id:
+            return  # its own: applied when it was made
+        if kind == Kind.TASK:
+            apply_dispatch(self.store, decode_event(TaskMessage, body), origin)
+        elif kind == Kind.TASK_BATCH:
+            for task in decode_event(TaskBatch, body).tasks:
+                apply_dispatch(self.store, task, origin)
+        elif kind == Kind.ANSWER:
+            self._apply_answer(decode_event(Answer, body))
+        elif kind == Kind.ANSWER_BATCH:
+            for item in decode_event(AnswerBatch, body).answers:
+                self._apply_answer(item.answer)
+        else:
+            record = json.loads(body)
+            k = record.get("k")
+            if k == "alive":
+                self.peers.seen(record["s"], record["at"])
+            elif k == "gone":
+                self.peers.gone(record["s"])
+            elif k == "started":
+                self._on_started(decode_event(StartedEvent, record["event"].encode()), False)
+            elif k == "retrying":
+                self._on_retrying(decode_event(RetryingEvent, record["event"].encode()), False)
+            else:
+                apply_entry(self.store, self._cancels, kind, body)
+
+    def _apply_answer(self, answer: Answer) -> None:
+        """Another scheduler answered: remember it, and send it to who asked here."""
+        record = self.store.get(answer.task_id) if answer.task_id else None
+        watchers = list(record.watchers) if record is not None and not record.final else []
+        apply_answer(self.store, answer)
+        self._unsure.pop(answer.task_id or "", None)
+        if watchers and record is not None and record.final:
+            body = encode(answer)
+            for reply_to, corr in watchers:
+                sent = asyncio.ensure_future(self.outbox.send(reply_to, corr, Kind.ANSWER, body))
+                sent.add_done_callback(_log_failure)
+
+    async def _alive(self) -> None:
+        """Tell the other schedulers this one is alive (a journal record)."""
+        now = time.time()
+        self._alive_at = now
+        await self.journal.append({"k": "alive", "s": self.scheduler_id, "at": now})
 
     @property
     def ready(self) -> bool:
@@ -387,7 +460,9 @@ class Scheduler:
     def _dispatch_new(
         self, task: TaskMessage, traceparent: str | None, batch_reply: bool
     ) -> asyncio.Future[None]:
-        record = TaskRecord.of(task, traceparent=traceparent, batch_reply=batch_reply)
+        record = TaskRecord.of(
+            task, traceparent=traceparent, batch_reply=batch_reply, owner=self.scheduler_id
+        )
         self.store.add(record)
         done = record.dispatching = self.outbox.dispatch_nowait(task, traceparent)
 
@@ -447,6 +522,7 @@ class Scheduler:
         try:
             if msg.type == Kind.STARTED:
                 self._on_started(decode_event(StartedEvent, msg.body))
+                await self._share("started", msg.body)
                 await transport.settle(msg)
             elif msg.type == Kind.OUTCOME:
                 await self._on_outcome(msg, decode_event(OutcomeEvent, msg.body))
@@ -454,6 +530,7 @@ class Scheduler:
                 await self._on_outcome_batch(msg, decode_event(OutcomeBatch, msg.body))
             elif msg.type == Kind.RETRYING:
                 self._on_retrying(decode_event(RetryingEvent, msg.body))
+                await self._share("retrying", msg.body)
                 await transport.settle(msg)
             elif msg.type == Kind.TASK:
                 await self._on_dead_task(msg, decode_event(TaskMessage, msg.body))
@@ -469,11 +546,17 @@ class Scheduler:
             detail = "the scheduler failed on this event"
             await self._reject(msg, "internal_error", detail, client_request=False)
 
-    def _on_started(self, ev: StartedEvent) -> None:
+    async def _share(self, kind: str, event: bytes) -> None:
+        """With other schedulers alive, journal a worker's event so that they know it too (the
+        task's owner runs its timers from it)."""
+        if self.peers.others(time.time()):
+            await self.journal.append({"k": kind, "event": event.decode()})
+
+    def _on_started(self, ev: StartedEvent, count: bool = True) -> None:
         record = self.store.get(ev.task_id)
         if record is None or record.final or is_fenced(record, ev.attempt):
             return
-        if record.attempts == 0:
+        if record.attempts == 0 and count:
             self.metrics.queue_wait.labels(record.capability).observe(
                 max(ev.started_at - record.submitted_at, 0.0)
             )
@@ -482,12 +565,13 @@ class Scheduler:
         record.attempt = ev.attempt
         record.worker_id = ev.worker_id
 
-    def _on_retrying(self, ev: RetryingEvent) -> None:
+    def _on_retrying(self, ev: RetryingEvent, count: bool = True) -> None:
         record = self.store.get(ev.task_id)
         if record is None or record.final or is_fenced(record, ev.attempt):
             return
-        self.metrics.retries.labels(record.capability).inc()
-        if record.attempts == 0 and ev.started_at is not None:
+        if count:
+            self.metrics.retries.labels(record.capability).inc()
+        if record.attempts == 0 and ev.started_at is not None and count:
             self.metrics.queue_wait.labels(record.capability).observe(
                 max(ev.started_at - record.submitted_at, 0.0)
             )
@@ -739,7 +823,11 @@ class Scheduler:
                 worker_id,
                 len(lost),
             )
-            self._orphans.update((record.task_id, worker_id) for record in lost)
+            self._orphans.update(
+                (record.task_id, worker_id)
+                for record in lost
+                if self.peers.runs_timers(record.owner, record.task_id, now)
+            )
         # Tasks of dead workers, until dispatched again (a failed dispatch is retried here).
         orphans = []
         for task_id, worker_id in list(self._orphans.items()):
@@ -753,11 +841,23 @@ class Scheduler:
         # After a start, give workers one liveness window to be heard before telling
         # "no worker" from "expired".
         due = self.store.due(now) if now > self._started_at + self.registry.liveness_window else []
+        due = [r for r in due if self._runs_timers(r, now)]
         if due:
             await asyncio.gather(*(self._expire(record, now) for record in due))
         self._cancels = {k: v for k, v in self._cancels.items() if v > now}
         self._unsure = {k: v for k, v in self._unsure.items() if v > now - UNSURE_KEEP}
+        if now >= self._alive_at + self.settings.heartbeat_interval:
+            await self._alive()
+        self.peers.forget_old(now, UNSURE_KEEP)
         self.store.purge(now)
+
+    def _runs_timers(self, record: TaskRecord, now: float) -> bool:
+        """Whether this scheduler runs ``record``'s timers; if not, look again later (its
+        owner may die)."""
+        if self.peers.runs_timers(record.owner, record.task_id, now):
+            return True
+        self.store.remind(record, now + self.registry.liveness_window)
+        return False
 
     async def _redispatch(self, record: TaskRecord, worker_id: str, now: float) -> None:
         """The worker running ``record`` is dead: its attempt is superseded by a new one."""
@@ -774,6 +874,7 @@ class Scheduler:
             return  # its first attempt answered (or was heard from) while this one was sent
         # From now on, outcomes of the attempt that was running are fenced off.
         record.attempt, record.task = task.attempt, task
+        record.owner = self.scheduler_id
         record.worker_id = None
         record.state = TaskState.DISPATCHED
         log.warning("task %s dispatched again as attempt %d", record.task_id, record.attempt)

@@ -41,6 +41,8 @@ class TaskRecord:
     batch_reply: bool = False
     #: Confirmed when its first dispatch is: a second submission of it waits for that.
     dispatching: asyncio.Future[None] | None = None
+    #: The scheduler that dispatched it, which runs its timers (None: not known).
+    owner: str | None = None
     #: Its answer, sent but not confirmed yet: final only once it is (it may yet be reopened).
     answering: asyncio.Future[Any] | None = None
 
