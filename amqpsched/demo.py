@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 from pydantic import JsonValue, ValidationError
 
 from . import transport
-from .broker import check_login, ensure_broker
+from .broker import check_login, ensure_broker, port_answers
 from .client import Client
 from .errors import AmqpschedError, TaskTimeout
 from .settings import Settings, mask_url
@@ -240,7 +240,9 @@ def run_demo(images: int = 3) -> int:
         return 1
     started = time.perf_counter()
     try:
-        url = Settings().amqp_url.get_secret_value()
+        # A list of broker addresses (a cluster): the demo uses the first that answers.
+        urls = [u.get_secret_value() for u in Settings().amqp_urls()]
+        url = next((u for u in urls if port_answers(u)), urls[0])
         print("amqpsched demo", flush=True)
         with (
             ensure_broker(url) as broker,
