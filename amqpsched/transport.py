@@ -158,6 +158,14 @@ async def connection(settings: Settings, name: str) -> AsyncIterator[AbstractRob
         await conn.close()
 
 
+async def close_quietly(channel: AbstractChannel) -> None:
+    """Close ``channel``; a broken one is already as good as closed."""
+    try:
+        await channel.close()
+    except BROKER_ERRORS as exc:
+        log.debug("channel closed with %s", exc)
+
+
 async def confirm_channel(
     conn: AbstractRobustConnection, prefetch: int | None = None
 ) -> AbstractChannel:

@@ -31,6 +31,7 @@ class Context:
     quick: bool
     redis_url_option: str | None = None
     amqpsched_workers: int = 1
+    amqpsched_schedulers: int = 1
     amqpsched_concurrency: int = 64
     _redis: Proc | None = field(default=None, repr=False)
     _redis_url: str | None = field(default=None, repr=False)

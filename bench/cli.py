@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
         "private redis-server on a free port)",
     )
     p.add_argument(
+        "--schedulers",
+        type=int,
+        default=1,
+        help="amqpsched scheduler processes side by side (default 1)",
+    )
+    p.add_argument(
         "--amqpsched-workers", type=int, default=1, help="amqpsched worker processes (default 1)"
     )
     p.add_argument(
@@ -100,7 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.schedulers < 1:
+        parser.error("--schedulers must be at least 1")
     if args.scale:
         from .scale import run_scale
 
@@ -187,6 +196,7 @@ async def run(args: argparse.Namespace, names: list[str]) -> int:
         quick=args.quick,
         redis_url_option=args.redis_url,
         amqpsched_workers=args.amqpsched_workers,
+        amqpsched_schedulers=args.schedulers,
         amqpsched_concurrency=args.amqpsched_concurrency,
     )
     machine = _machine()

@@ -38,13 +38,14 @@ class Amqpsched(System):
         self.namespace = f"bench{ctx.run_id}"
         self.settings = Settings(amqp_url=ctx.amqp_url, namespace=self.namespace)
         self.client: Client | None = None
-        self.scheduler_pid = 0
+        self.scheduler_pids: list[int] = []
         self.worker_pids: list[int] = []
 
     def describe(self) -> str:
         return (
-            f"1 scheduler + {self.ctx.amqpsched_workers} worker process(es) x concurrency "
-            f"{self.ctx.amqpsched_concurrency}, client SDK (one connection)"
+            f"{self.ctx.amqpsched_schedulers} scheduler(s) + {self.ctx.amqpsched_workers} worker "
+            f"process(es) x concurrency {self.ctx.amqpsched_concurrency}, client SDK (one "
+            "connection)"
         )
 
     def unsupported(self, w: Workload) -> str | None:
@@ -52,9 +53,17 @@ class Amqpsched(System):
 
     async def start(self) -> None:
         env = self.ctx.env(AMQPSCHED_AMQP_URL=self.ctx.amqp_url, AMQPSCHED_NAMESPACE=self.namespace)
-        sched = self.spawn(["-m", "amqpsched.scheduler"], "scheduler", env)
-        await sched.wait_for_output("consuming")
-        self.scheduler_pid = sched.pid
+        # Side by side, each follows the others through the journal (cluster mode); the first
+        # declares the topology before the others start.
+        first = self.spawn(["-m", "amqpsched.scheduler"], "scheduler", env)
+        await first.wait_for_output("consuming")
+        others = [
+            self.spawn(["-m", "amqpsched.scheduler"], f"scheduler{i}", env)
+            for i in range(1, self.ctx.amqpsched_schedulers)
+        ]
+        for sched in others:
+            await sched.wait_for_output("consuming")
+        self.scheduler_pids = [first.pid, *(s.pid for s in others)]
         workers = [
             self.spawn(
                 [
@@ -88,7 +97,7 @@ class Amqpsched(System):
         raise BenchError(f"the scheduler did not see {count} echo worker(s) in 30s")
 
     def roles(self) -> dict[str, list[int]]:
-        return {"scheduler": [self.scheduler_pid], "worker": self.worker_pids}
+        return {"scheduler": self.scheduler_pids, "worker": self.worker_pids}
 
     async def call(self, payload: str) -> Any:
         assert self.client is not None

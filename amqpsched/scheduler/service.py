@@ -10,7 +10,8 @@ import time
 import uuid
 from typing import Any
 
-from aio_pika.abc import AbstractRobustConnection
+import aio_pika.exceptions
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
@@ -68,6 +69,9 @@ KIND_NAMES = frozenset(k.value for k in Kind)
 UNSURE_MARGIN = 30.0
 #: Seconds an unsure answer is remembered (its outcome comes back long before).
 UNSURE_KEEP = 3600.0
+#: Refused publishes within this many seconds after which a new channel is used to publish.
+REFUSALS_LIMIT = 3
+REFUSALS_WINDOW = 2.0
 
 
 class Scheduler:
@@ -103,6 +107,10 @@ class Scheduler:
         #: Other schedulers running side by side (known from the journal they all follow).
         self.peers = Peers(self.scheduler_id, self.registry.liveness_window)
         self._reader: JournalReader | None = None
+        self._channel: AbstractChannel | None = None
+        self._refusals: list[float] = []
+        self._replaced_at = -REFUSALS_WINDOW
+        self._background: set[asyncio.Future[None]] = set()
         self._alive_at = 0.0
         self._journal_check: tuple[float, asyncio.Future[dict[str, Answer]]] | None = None
         self.consuming = False
@@ -131,6 +139,7 @@ class Scheduler:
         )
         try:
             channel = await transport.confirm_channel(self._conn, self.settings.scheduler_prefetch)
+            self._channel = channel
             topo = self.topology
             await topo.declare_core(channel)
             await topo.declare_journal(channel, self.settings.journal_retention)
@@ -146,8 +155,7 @@ class Scheduler:
             self._journal = Journal(channel, topo, self.scheduler_id)
             # Read the journal to its end, then go on following it: what other schedulers
             # dispatch, answer and cancel is known here too.
-            self._reader = JournalReader(self._conn, topo, self._apply_entry)
-            recovered = await self._reader.read(follow=True)
+            recovered = await self._follow_journal()
             await self._alive()
             if recovered:
                 log.info("recovered %d journal record(s), %d task(s)", recovered, len(self.store))
@@ -169,6 +177,21 @@ class Scheduler:
             self.topology.submit_queue,
             self.settings.amqp_url_masked(),
         )
+
+    async def _follow_journal(self, attempts: int = 5) -> int:
+        """Read the journal, then follow it. A stream that another scheduler declared an instant
+        before may not be ready on every node yet: try again a few times."""
+        assert self._conn is not None
+        for attempt in range(1, attempts + 1):
+            self._reader = JournalReader(self._conn, self.topology, self._apply_entry)
+            try:
+                return await self._reader.read(follow=True)
+            except BrokerError as exc:
+                if attempt == attempts:
+                    raise
+                log.warning("journal not readable yet (%s); trying again", exc)
+                await asyncio.sleep(attempt * 0.5)
+        return 0
 
     async def stop(self) -> None:
         self.consuming = False
@@ -260,8 +283,37 @@ class Scheduler:
 
     async def _requeue_later(self, msg: IncomingMessage, exc: Exception) -> None:
         log.warning("message %s not handled, will be redelivered: %s", msg.message_id, exc)
+        if isinstance(exc.__cause__, aio_pika.exceptions.DeliveryError):
+            self._refused()
         await asyncio.sleep(REQUEUE_PAUSE)
         await transport.settle(msg, requeue=True)
+
+    def _refused(self) -> None:
+        """A publish was refused (nacked). After a queue's leader moved to another node,
+        RabbitMQ 3.10 can go on refusing every publish of a channel that was restored, while a
+        new channel works: after a few refusals in a row, publish on a new channel."""
+        now = time.monotonic()
+        self._refusals = [t for t in self._refusals if t > now - REFUSALS_WINDOW] + [now]
+        if len(self._refusals) >= REFUSALS_LIMIT and now > self._replaced_at + REFUSALS_WINDOW:
+            self._replaced_at = now
+            self._refusals.clear()
+            task = asyncio.ensure_future(self._replace_publishing_channel())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _replace_publishing_channel(self) -> None:
+        assert self._conn is not None
+        try:
+            channel = await transport.confirm_channel(self._conn)
+        except AmqpschedError as exc:
+            log.warning("could not open a new channel to publish on: %s", exc)
+            return
+        old = self.outbox.channel
+        self.outbox.channel = self.journal.channel = channel
+        log.warning("publishes were refused: publishing on a new channel")
+        await asyncio.sleep(transport.PUBLISH_TIMEOUT)  # what was sent on it is settled
+        if old is not self._channel:
+            await transport.close_quietly(old)
 
     # -- client requests -----------------------------------------------------------------------
     async def _on_request(self, msg: IncomingMessage) -> None:
@@ -434,6 +486,12 @@ class Scheduler:
                     return asyncio.ensure_future(send)
             elif not same:
                 known.watchers.append((reply_to, corr))
+            elif redelivered and known.owner != self.scheduler_id and known.task is not None:
+                # Handed back by a scheduler that may have failed to dispatch it: the journal
+                # holds the dispatch, but the capability queue may not (one of the two
+                # destinations refused the publish). Dispatch it again: at worst it runs twice,
+                # and is answered once.
+                return self._dispatch_again(known, known.task)
             return known.dispatching  # acked only once its dispatch is confirmed
         task_id = req.task_id or uuid.uuid4().hex
         with tracing.span(
@@ -456,6 +514,19 @@ class Scheduler:
                 idempotency_key=req.idempotency_key,
             )
             return self._dispatch_new(task, span.traceparent, batch_reply)
+
+    def _dispatch_again(self, record: TaskRecord, task: TaskMessage) -> asyncio.Future[None]:
+        done = record.dispatching = self.outbox.dispatch_nowait(task, record.traceparent)
+
+        def dispatched(fut: asyncio.Future[None]) -> None:
+            if record.dispatching is fut:
+                record.dispatching = None
+            if not fut.cancelled() and fut.exception() is None:
+                record.owner = self.scheduler_id
+                self.metrics.of(task.capability).dispatched.inc()
+
+        done.add_done_callback(dispatched)
+        return done
 
     def _dispatch_new(
         self, task: TaskMessage, traceparent: str | None, batch_reply: bool
