@@ -182,12 +182,30 @@ class CapabilitySeries:
     def __init__(self, metrics: SchedulerMetrics, capability: str) -> None:
         self.submitted = metrics.submitted.labels(capability)
         self.dispatched = metrics.dispatched.labels(capability)
-        self.queue_wait = metrics.queue_wait.labels(capability)
-        self.execution = metrics.execution.labels(capability)
-        self.end_to_end = metrics.end_to_end.labels(capability)
         self._finished = {o: metrics.finished.labels(capability, o) for o in OUTCOMES}
         self._metrics = metrics
         self._capability = capability
+        # Histograms get their series at the first observation (none for a capability whose
+        # tasks never ran), then are looked up once.
+        self._histograms: dict[str, Any] = {}
+
+    def _histogram(self, name: str, metric: Histogram) -> Any:
+        child = self._histograms.get(name)
+        if child is None:
+            child = self._histograms[name] = metric.labels(self._capability)
+        return child
+
+    @property
+    def queue_wait(self) -> Any:
+        return self._histogram("queue_wait", self._metrics.queue_wait)
+
+    @property
+    def execution(self) -> Any:
+        return self._histogram("execution", self._metrics.execution)
+
+    @property
+    def end_to_end(self) -> Any:
+        return self._histogram("end_to_end", self._metrics.end_to_end)
 
     def finished(self, outcome: str) -> Any:
         child = self._finished.get(outcome)
