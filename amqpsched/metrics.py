@@ -161,10 +161,6 @@ class SchedulerMetrics:
         for kind in MESSAGE_KINDS:
             self.tasks_per_message.labels(kind)
 
-    def saw_capability(self, capability: str) -> None:
-        """Create a capability's series at 0 the first time it is seen."""
-        self.of(capability)
-
     def of(self, capability: str) -> CapabilitySeries:
         """A capability's series, created at 0 the first time it is seen (and then looked up
         once per task, not once per label lookup)."""

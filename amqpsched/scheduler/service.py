@@ -228,9 +228,6 @@ class Scheduler:
             raise AmqpschedError("scheduler is not started")
         return self._journal
 
-    def _apply(self, kind: str, body: bytes) -> None:
-        apply_entry(self.store, self._cancels, kind, body)
-
     def _apply_entry(self, kind: str, body: bytes, origin: str | None) -> None:
         """A journal entry, at start or written since by another scheduler."""
         if origin == self.scheduler_id:

@@ -291,7 +291,7 @@ class Worker:
     async def _take_task(
         self, delivery: Delivery, task: TaskMessage, traceparent: str | None
     ) -> None:
-        if not await self._acquire_slot():
+        if not await self._slots.acquire():  # False: the worker started draining
             await delivery.settle(requeue=True)  # draining: hand it back at once
             return
         self._in_flight += 1
@@ -316,10 +316,6 @@ class Worker:
                 hold.thread.add_done_callback(
                     lambda _: loop.call_soon_threadsafe(self._slots.release)
                 )
-
-    async def _acquire_slot(self) -> bool:
-        """Wait for a free slot; False when the worker started draining first."""
-        return await self._slots.acquire()
 
     async def _execute(
         self, delivery: Delivery, task: TaskMessage, hold: _Hold, traceparent: str | None
