@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -16,9 +17,9 @@ from .conftest import System
 TIMEOUT = 20.0
 
 
-async def wait_until(check: object, timeout: float = TIMEOUT) -> None:
+async def wait_until(check: Callable[[], bool], timeout: float = TIMEOUT) -> None:
     async with asyncio.timeout(timeout):
-        while not check():  # type: ignore[operator]
+        while not check():
             await asyncio.sleep(0.02)
 
 

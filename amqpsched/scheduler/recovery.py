@@ -17,19 +17,39 @@ from ..protocol import (
 from .state import TaskRecord, TaskStore
 
 
-def apply_entry(store: TaskStore, cancels: dict[str, float], kind: str, body: bytes) -> None:
-    """One journal entry, replayed at start: a dispatch, an answer (or a batch of either), or a
-    JSON record."""
+def journaled_tasks(kind: str, body: bytes) -> list[TaskMessage]:
+    """The dispatches a journal entry holds: one (``task``), several (``task_batch``) or none."""
     if kind == Kind.TASK:
-        apply_dispatch(store, decode_event(TaskMessage, body))
-    elif kind == Kind.ANSWER:
-        apply_answer(store, decode_event(Answer, body))
-    elif kind == Kind.TASK_BATCH:
-        for task in decode_event(TaskBatch, body).tasks:
-            apply_dispatch(store, task)
-    elif kind == Kind.ANSWER_BATCH:
-        for item in decode_event(AnswerBatch, body).answers:
-            apply_answer(store, item.answer)
+        return [decode_event(TaskMessage, body)]
+    if kind == Kind.TASK_BATCH:
+        return decode_event(TaskBatch, body).tasks
+    return []
+
+
+def journaled_answers(kind: str, body: bytes) -> list[Answer]:
+    """The answers a journal entry holds: one (``answer``), several (``answer_batch``) or none."""
+    if kind == Kind.ANSWER:
+        return [decode_event(Answer, body)]
+    if kind == Kind.ANSWER_BATCH:
+        return [item.answer for item in decode_event(AnswerBatch, body).answers]
+    return []
+
+
+def apply_entry(
+    store: TaskStore,
+    cancels: dict[str, float],
+    kind: str,
+    body: bytes,
+    owner: str | None = None,
+) -> None:
+    """One journal entry, written by the scheduler ``owner``: a dispatch, an answer (or a batch
+    of either), or a JSON record."""
+    if kind in (Kind.TASK, Kind.TASK_BATCH):
+        for task in journaled_tasks(kind, body):
+            apply_dispatch(store, task, owner)
+    elif kind in (Kind.ANSWER, Kind.ANSWER_BATCH):
+        for answer in journaled_answers(kind, body):
+            apply_answer(store, answer)
     else:
         record = json.loads(body)
         if record.get("k") == "cancelled":

@@ -22,7 +22,6 @@ from ..protocol import (
     ACCEPT_HEADER,
     REQUEST_MODELS,
     Answer,
-    AnswerBatch,
     CapabilitiesReply,
     ErrorType,
     Kind,
@@ -34,7 +33,6 @@ from ..protocol import (
     SubmitBatch,
     SubmitBatchItem,
     SubmitRequest,
-    TaskBatch,
     TaskMessage,
     TaskQuery,
     TaskState,
@@ -49,11 +47,20 @@ from ..transport import IncomingMessage
 from .journal import Journal, JournalReader, cancelled, replay
 from .outbox import Outbox, failure
 from .peers import Peers
-from .recovery import apply_answer, apply_dispatch, apply_entry
+from .recovery import apply_answer, apply_entry, journaled_answers
 from .registry import WorkerRegistry
 from .state import MemoryTaskStore, TaskRecord, is_fenced, timeout_error
 
 log = logging.getLogger("amqpsched.scheduler")
+
+
+async def _all(pending: list[asyncio.Future[Any]]) -> None:
+    """Wait for every one (not just until the first failure: none is left running when the
+    message that caused them is handed back), then raise the first failure."""
+    results = await asyncio.gather(*pending, return_exceptions=True)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    if failed:
+        raise failed[0]
 
 
 def _log_failure(fut: asyncio.Future[None]) -> None:
@@ -232,16 +239,11 @@ class Scheduler:
         """A journal entry, at start or written since by another scheduler."""
         if origin == self.scheduler_id:
             return  # its own: applied when it was made
-        if kind == Kind.TASK:
-            apply_dispatch(self.store, decode_event(TaskMessage, body), origin)
-        elif kind == Kind.TASK_BATCH:
-            for task in decode_event(TaskBatch, body).tasks:
-                apply_dispatch(self.store, task, origin)
-        elif kind == Kind.ANSWER:
-            self._apply_answer(decode_event(Answer, body))
-        elif kind == Kind.ANSWER_BATCH:
-            for item in decode_event(AnswerBatch, body).answers:
-                self._apply_answer(item.answer)
+        if kind in (Kind.ANSWER, Kind.ANSWER_BATCH):
+            for answer in journaled_answers(kind, body):
+                self._apply_answer(answer)  # and to who asked here
+        elif kind != "record":
+            apply_entry(self.store, self._cancels, kind, body, origin)
         else:
             record = json.loads(body)
             k = record.get("k")
@@ -442,10 +444,7 @@ class Scheduler:
             )
             if done is not None:
                 pending.append(done)
-        # Wait for all (not just the first failure): none is left running on a requeued batch.
-        failed = [r for r in await asyncio.gather(*pending, return_exceptions=True) if r]
-        if failed:
-            raise failed[0]
+        await _all(pending)
         await transport.settle(msg)
 
     def _accept(
@@ -672,9 +671,7 @@ class Scheduler:
             for ev, parent in zip(batch.events, parents, strict=False)
             if (done := self._outcome(ev, tracing.valid(parent))) is not None
         ]
-        failed = [r for r in await asyncio.gather(*pending, return_exceptions=True) if r]
-        if failed:
-            raise failed[0]
+        await _all(pending)
         await transport.settle(msg)
 
     def _outcome(self, ev: OutcomeEvent, traceparent: str | None) -> asyncio.Future[Any] | None:
@@ -766,13 +763,7 @@ class Scheduler:
         found: dict[str, Answer] = {}
 
         def collect(kind: str, body: bytes) -> None:
-            if kind == Kind.ANSWER:
-                answers = [decode_event(Answer, body)]
-            elif kind == Kind.ANSWER_BATCH:
-                answers = [a.answer for a in decode_event(AnswerBatch, body).answers]
-            else:
-                return
-            found.update((a.task_id, a) for a in answers if a.task_id)
+            found.update((a.task_id, a) for a in journaled_answers(kind, body) if a.task_id)
 
         assert self._conn is not None
         await replay(self._conn, self.topology, collect, since=since)
