@@ -32,6 +32,7 @@ from .errors import (
 from .metrics import ClientMetrics
 from .protocol import (
     ACCEPT_HEADER,
+    DIRECT_FEATURE,
     PROTOCOL_VERSION,
     Answer,
     AnswerBatch,
@@ -39,10 +40,12 @@ from .protocol import (
     CatalogEntry,
     ErrorType,
     Kind,
+    OutcomeEvent,
     RetryOverride,
     Status,
     StatusReply,
     TaskState,
+    answer_of,
     decode_event,
 )
 from .settings import Settings
@@ -201,6 +204,8 @@ class Client:
         )
         #: Correlation id of a batch message -> those of its tasks (a rejected batch fails all).
         self._batches: dict[str, list[str]] = {}
+        #: What submissions say this client takes (ACCEPT_HEADER): set by :meth:`connect`.
+        self._accept = Kind.ANSWER_BATCH.value
 
     async def __aenter__(self) -> Client:
         await self.connect()
@@ -217,6 +222,9 @@ class Client:
             # check it exists. Others (guest) create it, so tasks wait for a scheduler.
             await self.topology.ensure(self._channel, self.topology.submit_exchange)
             queue = await self.topology.declare_reply_queue(self._channel, self.client_id)
+            if self.settings.direct_answers and await self._may_take_direct_answers():
+                await self.topology.bind_replies(queue)  # restored with the queue on reconnect
+                self._accept = f"{Kind.ANSWER_BATCH.value},{DIRECT_FEATURE}"
             await queue.consume(self._on_reply, no_ack=True)
             self._submit = await self._channel.get_exchange(
                 self.topology.submit_exchange, ensure=False
@@ -227,6 +235,26 @@ class Client:
         except transport.BROKER_ERRORS as exc:
             await self._conn.close()
             raise BrokerError(f"client could not set up: {exc}") from exc
+
+    async def _may_take_direct_answers(self) -> bool:
+        """Whether the replies exchange exists and this user may bind its reply queue to it,
+        tried on a channel of its own (a refusal closes the channel): a broker set up by an
+        older scheduler, or an older role definition, means answers come from the scheduler."""
+        assert self._conn is not None and self._channel is not None
+        try:
+            await self.topology.ensure(self._channel, self.topology.replies_exchange)
+            probe = await self._conn.channel(publisher_confirms=False)
+        except BrokerError as exc:
+            log.info("answers come from the scheduler only: %s", exc)
+            return False
+        try:
+            await self.topology.bind_replies(await probe.get_queue(self._reply_queue, ensure=False))
+            return True
+        except transport.BROKER_ERRORS as exc:
+            log.info("answers come from the scheduler only (no binding allowed: %s)", exc)
+            return False
+        finally:
+            await transport.close_quietly(probe)
 
     async def close(self) -> None:
         for fut in self._pending.values():
@@ -241,6 +269,9 @@ class Client:
     async def _on_reply(self, msg: IncomingMessage) -> None:
         if msg.type == Kind.ANSWER_BATCH:
             self._on_answer_batch(msg.body)
+            return
+        if msg.type == Kind.OUTCOME:  # a direct answer, from the worker
+            self._on_direct_answer(msg.correlation_id, msg.body)
             return
         corr = msg.correlation_id
         if corr in self._batches:  # the whole batch was rejected: every task gets the answer
@@ -260,6 +291,18 @@ class Client:
         if final:  # later protocol versions may send non-final messages first
             del self._pending[corr]  # type: ignore[arg-type]
             fut.set_result(_Reply(msg.type or "", msg.body))
+
+    def _on_direct_answer(self, corr: str | None, body: bytes) -> None:
+        fut = self._pending.get(corr) if corr else None
+        if fut is None or fut.done():
+            return  # answered already (by the scheduler: a cancel or a deadline came first)
+        try:
+            answer = answer_of(decode_event(OutcomeEvent, body))
+        except AmqpschedError as exc:
+            log.warning("undecodable direct answer for %s ignored: %s", corr, exc)
+            return
+        del self._pending[corr]  # type: ignore[arg-type]
+        fut.set_result(_Reply(Kind.ANSWER, b"", answer))
 
     def _on_answer_batch(self, body: bytes) -> None:
         try:
@@ -315,7 +358,7 @@ class Client:
             correlation_id=corr,
             reply_to=self._reply_queue,
             message_id=message_id,
-            headers=tracing.headers(traceparent, {ACCEPT_HEADER: Kind.ANSWER_BATCH.value}),
+            headers=tracing.headers(traceparent, {ACCEPT_HEADER: self._accept}),
         )
         await transport.publish(self._submit, msg, self.topology.submit_queue, mandatory=True)
 

@@ -288,6 +288,11 @@ class WorkerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.direct_answers = Counter(
+            "amqpsched_worker_direct_answers_total",
+            "Succeeded outcomes this worker also published to the task's client (direct answers)",
+            registry=registry,
+        )
         self.slots_used = Gauge(
             "amqpsched_worker_slots_used_local", "Tasks this worker is running", registry=registry
         )

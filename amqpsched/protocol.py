@@ -64,8 +64,24 @@ class Kind(StrEnum):
 #: :data:`ACCEPT_HEADER` with this value takes ``answer_batch`` replies.
 BATCH_FEATURE = "batch"
 ACCEPT_HEADER = "amqpsched-accept"
+#: A client sending :data:`ACCEPT_HEADER` with this value (a comma-separated list may hold
+#: several) has bound its reply queue to the replies exchange and takes a worker's ``outcome`` as
+#: its answer (section 16 of the protocol): one hop fewer for a lone task.
+DIRECT_FEATURE = "direct"
+#: Header of an ``outcome`` a worker published to its client too: the reply-to it reached.
+DIRECT_HEADER = "amqpsched-direct"
 #: Most tasks in one batch message.
 MAX_BATCH = 1000
+
+
+def accepts(headers: dict[str, Any] | None) -> frozenset[str]:
+    """The reply kinds and features a request's :data:`ACCEPT_HEADER` lists."""
+    value = (headers or {}).get(ACCEPT_HEADER)
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if not isinstance(value, str):
+        return frozenset()
+    return frozenset(part.strip() for part in value.split(",") if part.strip())
 
 
 class ErrorType(StrEnum):
@@ -312,6 +328,11 @@ class TaskMessage(_Reply):
     time_limit: float | None = None
     retry: RetryOverride | None = None
     idempotency_key: str | None = None
+    direct: bool = Field(
+        default=False,
+        description="The client takes the outcome as its answer: a worker may publish a "
+        "succeeded outcome to it too (section 16).",
+    )
 
 
 class TaskBatch(_Reply):
@@ -352,6 +373,21 @@ class OutcomeEvent(_Reply):
     submitted_at: float
     started_at: float | None = None
     finished_at: float
+
+
+def answer_of(outcome: OutcomeEvent) -> Answer:
+    """The answer an ``outcome`` stands for: what a client that takes direct answers reads."""
+    return Answer.model_construct(
+        task_id=outcome.task_id,
+        status=outcome.status,
+        capability=outcome.capability,
+        result=outcome.result,
+        error=outcome.error,
+        attempts=outcome.attempt,
+        worker_id=outcome.worker_id,
+        submitted_at=outcome.submitted_at,
+        finished_at=outcome.finished_at,
+    )
 
 
 class OutcomeBatch(_Reply):

@@ -163,6 +163,12 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds a submission's idempotency key maps to its task.",
     )
+    direct_answers: bool = Field(
+        default=True,
+        description="Clients take a worker's succeeded outcome as their answer, one hop before "
+        "the scheduler's (docs/protocol.md, section 16); workers send it. Off: every answer "
+        "comes from the scheduler.",
+    )
     concurrency: int = Field(
         default=8, gt=0, description="Tasks a worker runs at once (its prefetch follows it)."
     )
@@ -218,6 +224,6 @@ def env_example() -> str:
             default = int(default)
         lines.append(f"# {field.description}")
         key = f"AMQPSCHED_{name.upper()}"
-        lines.append(f"# {key}=9100" if default is None else f"{key}={default}")
+        lines.append(f"# {key}=" if default is None else f"{key}={default}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

@@ -101,6 +101,14 @@ class Topology:
         return self._n("amqpsched.events")
 
     @property
+    def replies_exchange(self) -> str:
+        """Topic exchange of direct answers: a worker publishes a lone succeeded outcome there
+        once, with the results queue's name as routing key and ``BCC`` the client's reply queue,
+        so the client gets its answer one hop sooner. Bound: :attr:`results_queue` (key: its
+        name) and the reply queue of every client that takes direct answers (key: its name)."""
+        return self._n("amqpsched.replies")
+
+    @property
     def registry_exchange(self) -> str:
         """Fanout exchange of worker hello / heartbeat / goodbye messages."""
         return self._n("amqpsched.workers")
@@ -162,6 +170,10 @@ class Topology:
                 self.events_exchange, ExchangeType.DIRECT, durable=True
             )
             await queue.bind(events, routing_key=self.results_queue)
+            replies = await channel.declare_exchange(
+                self.replies_exchange, ExchangeType.TOPIC, durable=True
+            )
+            await queue.bind(replies, routing_key=self.results_queue)
 
         async def dead_letters(channel: AbstractChannel) -> None:
             dlx = await channel.declare_exchange(
@@ -179,6 +191,7 @@ class Topology:
             self.tasks_exchange: ("exchange", exchange(self.tasks_exchange, ExchangeType.TOPIC)),
             self.results_queue: ("queue", results),
             self.events_exchange: ("exchange", results),
+            self.replies_exchange: ("exchange", results),
             self.registry_exchange: ("exchange", self.declare_registry_exchange),
             self.dead_letter_exchange: ("exchange", dead_letters),
             self.delay_exchange: ("exchange", exchange(self.delay_exchange, ExchangeType.HEADERS)),
@@ -290,6 +303,11 @@ class Topology:
             self.reply_queue(client_id), exclusive=True, auto_delete=True
         )
 
+    async def bind_replies(self, queue: AbstractQueue) -> None:
+        """Bind a reply queue to :attr:`replies_exchange` by its name: workers answer it directly.
+        A refusal (the user may not) closes the queue's channel."""
+        await queue.bind(self.replies_exchange, routing_key=queue.name)
+
     async def delete_all(self, channel: AbstractChannel, capabilities: list[str]) -> None:
         """Remove this system's durable queues and exchanges (tests, teardown)."""
         for name in [
@@ -304,6 +322,7 @@ class Topology:
         for ex in (
             self.submit_exchange,
             self.events_exchange,
+            self.replies_exchange,
             self.tasks_exchange,
             self.registry_exchange,
             self.dead_letter_exchange,

@@ -43,6 +43,7 @@ from amqpsched.worker.builtin import app as builtin_app
 
 from .conftest import ROOT
 from .rabbit_node import RabbitNode, RabbitNodeError, find_sbin, free_port
+from .test_chaos import wait_until
 
 pytestmark = pytest.mark.system
 
@@ -248,9 +249,14 @@ async def test_each_role_does_its_job(broker: Broker) -> None:
     async with running(broker.settings) as (_scheduler, client, start_worker):
         # Submitted before any worker runs: the scheduler declares the capability queue itself.
         early = await client.submit("echo", {"early": True}, timeout=STEP)
-        await start_worker()
+        worker = await start_worker()
         assert await early.result(timeout=STEP) == {"early": True}
         assert await client.call("echo", {"n": 1}, timeout=STEP) == {"n": 1}
+        # The client may bind its reply queue to the replies exchange, and the worker publish
+        # there: both lone tasks were answered by the worker (protocol section 16). The
+        # worker counts one once its publish is confirmed, which can be after the client has it.
+        direct = worker.metrics.direct_answers._value
+        await wait_until(lambda: direct.get() == 2, STEP, "2 direct answers")
         # A retry goes through the delay exchange and queue the worker declares.
         assert await client.call("flaky", {"key": "retry"}, timeout=STEP) == {"attempts": 2}
         # Retries exhausted: the worker dead-letters the task.
@@ -416,12 +422,12 @@ def delete_exchange(name: str) -> Op:
     return op
 
 
-def bind_reply_queue_to(exchange: str) -> Op:
+def bind_reply_queue_to(exchange: str, routing_key: str = "#") -> Op:
     """Declare a reply queue of one's own (allowed for a client), then bind it to ``exchange``."""
 
     async def op(channel: AbstractChannel) -> None:
         queue = await TOPO.declare_reply_queue(channel, secrets.token_hex(8))
-        await queue.bind(exchange, routing_key="#")
+        await queue.bind(exchange, routing_key=routing_key)
 
     return op
 
@@ -474,8 +480,33 @@ FORBIDDEN: list[tuple[str, str, Op, type[Exception]]] = [
     ("client", "cancel tasks", publish(TOPO.control_exchange), REFUSED),
     ("client", "snoop on worker heartbeats", bind_reply_queue_to(TOPO.registry_exchange), REFUSED),
     ("client", "snoop on dispatched tasks", bind_reply_queue_to(TOPO.tasks_exchange), REFUSED),
+    ("client", "snoop on direct answers", bind_reply_queue_to(TOPO.replies_exchange), REFUSED),
+    (
+        "client",
+        "snoop on outcomes via the replies exchange",
+        bind_reply_queue_to(TOPO.replies_exchange, TOPO.results_queue),
+        REFUSED,
+    ),
+    (
+        "client",
+        "take another client's direct answers",
+        bind_reply_queue_to(TOPO.replies_exchange, TOPO.reply_queue("other.*")),
+        REFUSED,
+    ),
+    (
+        "client",
+        "forge an outcome via the replies exchange",
+        publish(TOPO.replies_exchange, TOPO.results_queue),
+        REFUSED,
+    ),
     ("worker", "consume tasks.submit", consume(TOPO.submit_queue), REFUSED),
     ("worker", "forge an answer to a client", publish("", TOPO.reply_queue("x")), REFUSED),
+    (
+        "worker",
+        "reach other queues via the replies exchange",
+        publish(TOPO.replies_exchange, TOPO.submit_queue),
+        REFUSED,
+    ),
     ("worker", "submit tasks", publish(TOPO.submit_exchange, TOPO.submit_queue), REFUSED),
     ("worker", "publish into tasks.submit directly", publish("", TOPO.submit_queue), REFUSED),
     ("worker", "dispatch tasks itself", publish(TOPO.tasks_exchange, "echo"), REFUSED),

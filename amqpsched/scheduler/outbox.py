@@ -129,7 +129,8 @@ class Outbox:
         batch_reply: bool = False,
     ) -> asyncio.Future[Any]:
         """Send the final answer to every target and, by the same publish as the first target's,
-        to the journal: an answer is journaled exactly when it is sent. With ``batch_reply``,
+        to the journal: an answer is journaled exactly when it is sent (with no target, it is
+        only journaled). With ``batch_reply``,
         the first target takes ``answer_batch`` replies: answers to it ready at the same moment
         go together. The future is done when the broker confirmed all of it."""
         body = encode(answer)
@@ -155,8 +156,16 @@ class Outbox:
         else:
             if first is not None:  # direct reply-to takes no BCC: journal it on its own
                 sends.append(self.send(first[0], first[1], Kind.ANSWER, body, traceparent))
-            sends.append(self.send(self.topology.journal_queue, "", Kind.ANSWER, body, traceparent))
+            sends.append(self._journal_alone(body, traceparent))
         await asyncio.gather(*sends)
+
+    async def _journal_alone(self, body: bytes, traceparent: str | None) -> None:
+        """Journal an answer that no publish of ours sends: its submitter reached by direct
+        reply-to, or answered by the worker (protocol section 16)."""
+        msg = transport.message(
+            body, Kind.ANSWER, headers=tracing.headers(traceparent, self._origin)
+        )
+        await transport.publish(self.channel.default_exchange, msg, self.topology.journal_queue)
 
     async def _answer_journaled(
         self, reply_to: str, corr: str, body: bytes, traceparent: str | None

@@ -19,7 +19,8 @@ from .. import logs, tracing, transport
 from ..errors import AmqpschedError, BrokerError, DecodeError
 from ..metrics import RegistryCollector, SchedulerMetrics
 from ..protocol import (
-    ACCEPT_HEADER,
+    DIRECT_FEATURE,
+    DIRECT_HEADER,
     REQUEST_MODELS,
     Answer,
     CapabilitiesReply,
@@ -37,6 +38,8 @@ from ..protocol import (
     TaskQuery,
     TaskState,
     WorkerAnnouncement,
+    accepts,
+    answer_of,
     decode,
     decode_event,
     encode,
@@ -403,6 +406,7 @@ class Scheduler:
             await self._reject(msg, "timeout_too_large", refused, req)
             return
         headers = msg.headers or {}
+        accepted = accepts(headers)
         done = self._accept(
             req,
             timeout,
@@ -411,7 +415,8 @@ class Scheduler:
             tracing.from_headers(headers),
             redelivered=bool(msg.redelivered),
             replay=bool(headers.get(transport.H_REPLAY)),
-            batch_reply=headers.get(ACCEPT_HEADER) == Kind.ANSWER_BATCH.value,
+            batch_reply=Kind.ANSWER_BATCH.value in accepted,
+            direct=DIRECT_FEATURE in accepted,
         )
         if done is not None:
             await done
@@ -428,7 +433,8 @@ class Scheduler:
                 return
             timeouts.append(timeout)
         headers = msg.headers or {}
-        batch_reply = headers.get(ACCEPT_HEADER) == Kind.ANSWER_BATCH.value
+        accepted = accepts(headers)
+        batch_reply, direct = Kind.ANSWER_BATCH.value in accepted, DIRECT_FEATURE in accepted
         redelivered, replay = bool(msg.redelivered), bool(headers.get(transport.H_REPLAY))
         pending = []
         for item, timeout in zip(batch.tasks, timeouts, strict=True):
@@ -441,6 +447,7 @@ class Scheduler:
                 redelivered=redelivered,
                 replay=replay,
                 batch_reply=batch_reply,
+                direct=direct,
             )
             if done is not None:
                 pending.append(done)
@@ -458,6 +465,7 @@ class Scheduler:
         redelivered: bool,
         replay: bool,
         batch_reply: bool,
+        direct: bool,
     ) -> asyncio.Future[Any] | None:
         """Dispatch a submitted task, or, if it is known already, answer or watch it. Returns
         the future of what it caused, done once the broker confirmed it (None: nothing to wait
@@ -508,6 +516,7 @@ class Scheduler:
                 time_limit=req.time_limit,
                 retry=req.retry,
                 idempotency_key=req.idempotency_key,
+                direct=direct,
             )
             return self._dispatch_new(task, span.traceparent, batch_reply)
 
@@ -658,7 +667,9 @@ class Scheduler:
 
     async def _on_outcome(self, msg: IncomingMessage, ev: OutcomeEvent) -> None:
         self.metrics.tasks_per_message.labels("outcome").observe(1)
-        done = self._outcome(ev, tracing.from_headers(msg.headers))
+        # The worker sent it to the client too (protocol section 16): that client is answered.
+        direct = (msg.headers or {}).get(DIRECT_HEADER) is not None
+        done = self._outcome(ev, tracing.from_headers(msg.headers), direct)
         if done is not None:
             await done
         await transport.settle(msg)
@@ -674,15 +685,20 @@ class Scheduler:
         await _all(pending)
         await transport.settle(msg)
 
-    def _outcome(self, ev: OutcomeEvent, traceparent: str | None) -> asyncio.Future[Any] | None:
-        """Answer the task of an outcome; the future is done once the answer is confirmed."""
+    def _outcome(
+        self, ev: OutcomeEvent, traceparent: str | None, direct: bool = False
+    ) -> asyncio.Future[Any] | None:
+        """Answer the task of an outcome; the future is done once the answer is confirmed.
+        ``direct``: its submitter has it already (from the worker): journal it, answer others."""
         record = self.store.get(ev.task_id)
         if record is not None and record.answering is not None:
             # Answered, but not confirmed yet (a broker restart may be under way): this outcome
             # is acked only once that answer is; if it fails, this outcome answers instead.
-            return asyncio.ensure_future(self._outcome_after(record.answering, ev, traceparent))
+            return asyncio.ensure_future(
+                self._outcome_after(record.answering, ev, traceparent, direct)
+            )
         if record is not None and ev.task_id in self._unsure:
-            return asyncio.ensure_future(self._outcome_checked(ev, traceparent))
+            return asyncio.ensure_future(self._outcome_checked(ev, traceparent, direct))
         if record is not None and (record.final or is_fenced(record, ev.attempt)):
             if is_fenced(record, ev.attempt):
                 self.fenced += 1
@@ -693,17 +709,9 @@ class Scheduler:
         if record is not None and record.attempts == 0 and ev.started_at is not None:
             # No `started` came (a short task): its queue wait is known from the outcome.
             counters.queue_wait.observe(max(ev.started_at - record.submitted_at, 0.0))
-        answer = Answer.model_construct(
-            task_id=ev.task_id,
-            status=ev.status,
-            capability=ev.capability,
-            result=ev.result,
-            error=ev.error,
-            attempts=max(ev.attempt, record.attempts if record else 0),
-            worker_id=ev.worker_id,
-            submitted_at=ev.submitted_at,
-            finished_at=ev.finished_at,
-        )
+        answer = answer_of(ev)
+        if record is not None and record.attempts > ev.attempt:
+            answer = answer.model_copy(update={"attempts": record.attempts})
         if record is None:  # a scheduler that restarted: remember it for later queries
             record = TaskRecord(
                 task_id=ev.task_id,
@@ -722,18 +730,25 @@ class Scheduler:
                 ev.task_id, ev.capability, ev.attempt, ev.worker_id, traceparent=traceparent
             ):
                 log.debug("task %s %s on %s", ev.task_id, ev.status.value, ev.worker_id)
-        return self._finish_nowait(record, answer, time.time())
+        answered = (ev.reply_to, ev.correlation_id) if direct else None
+        return self._finish_nowait(record, answer, time.time(), direct=answered)
 
     async def _outcome_after(
-        self, answering: asyncio.Future[Any], ev: OutcomeEvent, traceparent: str | None
+        self,
+        answering: asyncio.Future[Any],
+        ev: OutcomeEvent,
+        traceparent: str | None,
+        direct: bool,
     ) -> None:
         await asyncio.wait([answering])
         if answering.cancelled() or answering.exception() is not None:
-            again = self._outcome(ev, traceparent)
+            again = self._outcome(ev, traceparent, direct)
             if again is not None:
                 await again
 
-    async def _outcome_checked(self, ev: OutcomeEvent, traceparent: str | None) -> None:
+    async def _outcome_checked(
+        self, ev: OutcomeEvent, traceparent: str | None, direct: bool
+    ) -> None:
         """An outcome of a task whose earlier answer may or may not have gone out: if the
         journal has that answer (it is journaled by the publish that sends it), it went out,
         and is not sent twice."""
@@ -746,7 +761,7 @@ class Scheduler:
                 self.store.finish(record, sent, sent.finished_at or time.time())
                 log.info("answer of %s found in the journal: it went out", ev.task_id)
                 return
-        again = self._outcome(ev, traceparent)
+        again = self._outcome(ev, traceparent, direct)
         if again is not None:
             await again
 
@@ -805,14 +820,24 @@ class Scheduler:
         """Send the one final answer to the submitter and every watcher, then remember it."""
         await self._finish_nowait(record, answer, now)
 
-    def _finish_nowait(self, record: TaskRecord, answer: Answer, now: float) -> asyncio.Future[Any]:
+    def _finish_nowait(
+        self,
+        record: TaskRecord,
+        answer: Answer,
+        now: float,
+        direct: tuple[str, str] | None = None,
+    ) -> asyncio.Future[Any]:
+        """``direct``: the (reply-to, correlation id) the worker answered itself; the answer is
+        journaled, and sent to the others."""
         targets = [(record.reply_to, record.correlation_id), *record.watchers]
+        targets = [t for t in targets if t[0] and t != direct]
         state, watchers, task = record.state, list(record.watchers), record.task
         self.store.finish(record, answer, now)  # final at once for status queries
         # Sent and journaled by one publish: after a crash, a restarted scheduler knows exactly
         # which answers went out.
+        batch_reply = record.batch_reply and direct is None
         done = record.answering = self.outbox.answer_nowait(
-            [t for t in targets if t[0]], answer, record.traceparent, record.batch_reply
+            targets, answer, record.traceparent, batch_reply
         )
 
         def answered(fut: asyncio.Future[Any]) -> None:

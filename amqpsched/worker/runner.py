@@ -25,6 +25,7 @@ from ..errors import AmqpschedError, BrokerError, ConfigurationError, DecodeErro
 from ..metrics import WorkerMetrics
 from ..protocol import (
     BATCH_FEATURE,
+    DIRECT_HEADER,
     CancelNotice,
     ErrorInfo,
     ErrorType,
@@ -45,6 +46,7 @@ from ..topology import DELAY_HEADER, Topology
 from ..transport import IncomingMessage
 from .app import Handler, InvalidPayload, InvalidResult, WorkerApp, to_json
 from .delivery import BatchDelivery, Delivery
+from .direct import answers_directly
 from .slots import Slots
 
 log = logging.getLogger("amqpsched.worker")
@@ -90,6 +92,8 @@ class Worker:
         self._conn: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._events: AbstractExchange | None = None
+        #: Where a direct answer is published (None: the broker has no replies exchange yet).
+        self._replies: AbstractExchange | None = None
         self._registry: AbstractExchange | None = None
         self._consumers: list[tuple[AbstractQueue, str]] = []
         self._heartbeat: asyncio.Task[None] | None = None
@@ -97,8 +101,9 @@ class Worker:
         self._cancelled: dict[str, float] = {}
         self._handler_tasks: dict[str, asyncio.Future[Any]] = {}
         self._welcomed = asyncio.Event()
-        # Outcomes ready at the same moment go to the scheduler in one `outcome_batch`.
-        self._outcomes: Coalescer[tuple[OutcomeEvent, str | None, bytes]] = Coalescer(
+        # Outcomes ready at the same moment go to the scheduler in one `outcome_batch`; one
+        # that goes alone may go to its client too (the last item: its task, if it may).
+        self._outcomes: Coalescer[_Outcome] = Coalescer(
             self._send_outcomes, size=lambda item: len(item[2])
         )
         self.consuming = False
@@ -130,6 +135,8 @@ class Worker:
                 await topo.ensure(channel, name)
             transport.on_reconnect(self._conn, self.metrics.reconnects.inc)
             self._events = await channel.get_exchange(topo.events_exchange, ensure=False)
+            if self.settings.direct_answers and await self._may_answer_directly(channel):
+                self._replies = await channel.get_exchange(topo.replies_exchange, ensure=False)
             self._registry = await channel.get_exchange(
                 self.topology.registry_exchange, ensure=False
             )
@@ -164,6 +171,29 @@ class Worker:
             ",".join(self.handlers),
             self.concurrency,
         )
+
+    async def _may_answer_directly(self, channel: AbstractChannel) -> bool:
+        """Whether the replies exchange exists and this user may publish to it: tried with a
+        message that reaches no queue, on a channel of its own (a refusal closes the channel).
+        Set up by an older scheduler, or older role definitions: the scheduler answers."""
+        assert self._conn is not None
+        topo = self.topology
+        try:
+            await topo.ensure(channel, topo.replies_exchange)
+        except BrokerError as exc:
+            log.info("no direct answers: %s", exc)
+            return False
+        probe = await transport.confirm_channel(self._conn)
+        try:
+            replies = await probe.get_exchange(topo.replies_exchange, ensure=False)
+            nobody = topo.reply_queue(f"probe-{self.worker_id}")
+            await transport.publish(replies, transport.message(b"{}", Kind.OUTCOME), nobody)
+            return True
+        except BrokerError as exc:
+            log.info("no direct answers (may not publish them: %s)", exc)
+            return False
+        finally:
+            await transport.close_quietly(probe)
 
     async def stop(self, timeout: float | None = None) -> None:
         """Stop taking tasks, hand back unstarted ones, finish running ones within ``timeout``."""
@@ -523,7 +553,12 @@ class Worker:
             finished_at=time.time(),
         )
         # The outcome is confirmed by the broker before the task is acked: never lost.
-        await self._publish_event(Kind.OUTCOME, outcome)
+        direct = task if task.direct and error is None and self._replies is not None else None
+        if direct is not None and (
+            delivery.message.redelivered or task.task_id in self._cancelled or started_at is None
+        ):
+            direct = None
+        await self._outcomes.add((outcome, tracing.current_traceparent(), encode(outcome), direct))
         await delivery.settle()
         self.metrics.tasks.labels(
             task.capability, error.type.value if error else Status.SUCCEEDED.value
@@ -531,14 +566,8 @@ class Worker:
         if error is not None:
             log.info("task %s failed: %s: %s", task.task_id, error.type.value, error.message)
 
-    async def _publish_event(
-        self, kind: Kind, event: StartedEvent | OutcomeEvent | RetryingEvent
-    ) -> None:
-        traceparent = tracing.current_traceparent()
-        if isinstance(event, OutcomeEvent):
-            await self._outcomes.add((event, traceparent, encode(event)))
-            return
-        await self._publish_one(kind, event, traceparent)
+    async def _publish_event(self, kind: Kind, event: StartedEvent | RetryingEvent) -> None:
+        await self._publish_one(kind, event, tracing.current_traceparent())
 
     async def _publish_one(
         self,
@@ -560,18 +589,49 @@ class Worker:
             mandatory=True,
         )
 
-    async def _send_outcomes(self, items: list[tuple[OutcomeEvent, str | None, bytes]]) -> None:
+    async def _send_outcomes(self, items: list[_Outcome]) -> None:
         if len(items) == 1:
-            await self._publish_one(Kind.OUTCOME, *items[0])
+            event, traceparent, body, task = items[0]
+            if task is not None and answers_directly(
+                task,
+                succeeded=event.status == Status.SUCCEEDED,
+                redelivered=False,  # checked when the item was made
+                cancelled=event.task_id in self._cancelled,
+                started_at=event.started_at or task.deadline,
+                batched=False,
+            ):
+                await self._publish_direct(event, traceparent, body)
+            else:
+                await self._publish_one(Kind.OUTCOME, event, traceparent, body)
             return
         assert self._events is not None
-        body = batch_body(b"events", [b for _, _, b in items], [tp for _, tp, _ in items])
+        body = batch_body(b"events", [b for _, _, b, _ in items], [tp for _, tp, _, _ in items])
         await transport.publish(
             self._events,
             transport.message(body, Kind.OUTCOME_BATCH),
             self.topology.results_queue,
             mandatory=True,
         )
+
+    async def _publish_direct(
+        self, event: OutcomeEvent, traceparent: str | None, body: bytes
+    ) -> None:
+        """One publish to the results queue and, by ``BCC``, to the client's reply queue."""
+        assert self._replies is not None
+        headers = {"BCC": [event.reply_to], DIRECT_HEADER: event.reply_to}
+        await transport.publish(
+            self._replies,
+            transport.message(
+                body,
+                Kind.OUTCOME,
+                message_id=event.task_id,
+                correlation_id=event.correlation_id,
+                headers=tracing.headers(traceparent, headers),
+            ),
+            self.topology.results_queue,
+            mandatory=True,
+        )
+        self.metrics.direct_answers.inc()
 
     async def _dead_letter(
         self,
@@ -601,6 +661,11 @@ class Worker:
             await delivery.settle()
         self.metrics.dead_lettered.labels(reason).inc()
         log.warning("dead-lettered message %s: %s: %s", delivery.source.message_id, reason, detail)
+
+
+#: An outcome to send: the event, its traceparent, the event encoded, and its task if the outcome
+#: may also answer the client (:func:`answers_directly` decides when it is sent).
+_Outcome = tuple[OutcomeEvent, str | None, bytes, TaskMessage | None]
 
 
 class _StartNotice:
