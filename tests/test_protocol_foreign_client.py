@@ -65,6 +65,8 @@ class ForeignClient:
     url: str
     namespace: str
     direct_reply_to: bool = False
+    #: Take direct answers (section 16): bind the reply queue to amqpsched.replies, ask for them.
+    direct_answers: bool = False
     ignored: list[tuple[str | None, bytes]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -83,8 +85,15 @@ class ForeignClient:
         )
         self.channel.exchange_declare(self.submit_exchange, "direct", durable=True)
         self.channel.queue_bind(self.submit_queue, self.submit_exchange, self.submit_queue)
+        self.headers: dict[str, str] = {}
         if self.direct_reply_to:
             self.reply_to = DIRECT_REPLY_TO
+        elif self.direct_answers:
+            self.reply_to = name(self.namespace, f"amqpsched.reply.{uuid.uuid4().hex}")
+            self.channel.queue_declare(self.reply_to, exclusive=True, auto_delete=True)
+            replies = name(self.namespace, "amqpsched.replies")
+            self.channel.queue_bind(self.reply_to, replies, routing_key=self.reply_to)
+            self.headers = {"amqpsched-accept": "direct"}
         else:
             declared = self.channel.queue_declare("", exclusive=True, auto_delete=True)
             self.reply_to = str(declared.method.queue)
@@ -123,6 +132,7 @@ class ForeignClient:
             correlation_id=correlation_id,
             reply_to=self.reply_to if reply_to == "" else reply_to,
             delivery_mode=2,
+            headers=self.headers or None,
         )
         self.channel.basic_publish(
             self.submit_exchange, self.submit_queue, raw, properties, mandatory=True
@@ -159,7 +169,8 @@ class ForeignClient:
         except ValueError:
             self.ignored.append((corr, raw))
             return
-        if not isinstance(body, dict) or body.get("final") is not True:
+        final = kind == "outcome" and self.direct_answers  # a direct answer: always final
+        if not isinstance(body, dict) or not (final or body.get("final") is True):
             self.ignored.append((corr, raw))  # a non-final message: ignore it
             return
         self._pending.discard(corr)
@@ -238,6 +249,43 @@ async def test_echo_answer_on_a_reply_queue_of_our_own(system: System) -> None:
     assert body["attempts"] == 1
     assert body["worker_id"]
     assert body["submitted_at"] <= body["finished_at"]
+
+
+async def test_direct_answer_from_the_worker_and_a_failure_from_the_scheduler(
+    system: System,
+) -> None:
+    """Section 16: a client that binds its reply queue and asks gets a succeeded task's answer
+    as the worker's `outcome`, once; a failed one as the scheduler's `answer`."""
+    await system.scheduler()
+    await system.worker("echo", "resize")
+
+    def scenario() -> tuple[Reply, Reply, list[tuple[str | None, bytes]]]:
+        with ForeignClient(url_of(system), system.namespace, direct_answers=True) as client:
+            ok = client.request(
+                {"v": 1, "capability": "echo", "payload": [1, "two"], "task_id": "direct-ok"},
+                kind="submit",
+            )
+            bad = client.request(
+                {"v": 1, "capability": "resize", "payload": {"image": "AAAA", "width": 1}},
+                kind="submit",
+            )
+            # Once the scheduler says the first is done, a second answer to it would have come.
+            status = client.request({"v": 1, "task_id": "direct-ok"}, kind="status")
+            assert status.body["state"] == "succeeded", status
+            client.request({"v": 1, "task_id": "direct-ok"}, kind="status")
+            return ok, bad, client.ignored
+
+    ok, bad, ignored = await asyncio.to_thread(scenario)
+    assert ok.kind == "outcome"
+    assert (ok.body["task_id"], ok.body["status"], ok.body["result"]) == (
+        "direct-ok",
+        "succeeded",
+        [1, "two"],
+    )
+    assert ok.body["attempt"] == 1 and ok.body["worker_id"]
+    assert bad.kind == "answer"
+    assert bad.body["error"]["type"] == "invalid_payload"
+    assert ignored == [], "a second final message came"
 
 
 async def test_echo_answer_through_direct_reply_to_without_type_or_task_id(
