@@ -333,6 +333,11 @@ class TaskMessage(_Reply):
         description="The client takes the outcome as its answer: a worker may publish a "
         "succeeded outcome to it too (section 16).",
     )
+    answer_batch: bool = Field(
+        default=False,
+        description="The client takes answer_batch replies (section 15), whichever scheduler "
+        "answers; workers ignore it.",
+    )
 
 
 class TaskBatch(_Reply):

@@ -197,6 +197,20 @@ def test_journal_batches_are_replayed_task_by_task() -> None:
     assert [r.final for r in records if r is not None] == [True, False, True, False]
 
 
+def test_a_task_learned_from_the_journal_is_answered_as_its_client_accepts() -> None:
+    """Another scheduler may answer the task (several side by side, or after a restart): the
+    dispatch in the journal says whether its client takes ``answer_batch`` replies, so answers
+    ready at the same moment still go together, whoever sends them."""
+    now = time.time()
+    store = MemoryTaskStore(retention=600, max_size=100)
+    takes, plain = _task(0, now).model_copy(update={"answer_batch": True}), _task(1, now)
+    apply_entry(
+        store, {}, Kind.TASK_BATCH, batch_body(b"tasks", [encode(takes), encode(plain)], [None] * 2)
+    )
+    batch_replies = [r.batch_reply for r in (store.get("t0"), store.get("t1")) if r is not None]
+    assert batch_replies == [True, False]
+
+
 def _announce(
     registry: WorkerRegistry, worker_id: str, concurrency: int, batch: bool, now: float
 ) -> None:

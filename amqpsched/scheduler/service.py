@@ -517,8 +517,9 @@ class Scheduler:
                 retry=req.retry,
                 idempotency_key=req.idempotency_key,
                 direct=direct,
+                answer_batch=batch_reply,
             )
-            return self._dispatch_new(task, span.traceparent, batch_reply)
+            return self._dispatch_new(task, span.traceparent)
 
     def _dispatch_again(self, record: TaskRecord, task: TaskMessage) -> asyncio.Future[None]:
         done = record.dispatching = self.outbox.dispatch_nowait(task, record.traceparent)
@@ -533,12 +534,8 @@ class Scheduler:
         done.add_done_callback(dispatched)
         return done
 
-    def _dispatch_new(
-        self, task: TaskMessage, traceparent: str | None, batch_reply: bool
-    ) -> asyncio.Future[None]:
-        record = TaskRecord.of(
-            task, traceparent=traceparent, batch_reply=batch_reply, owner=self.scheduler_id
-        )
+    def _dispatch_new(self, task: TaskMessage, traceparent: str | None) -> asyncio.Future[None]:
+        record = TaskRecord.of(task, traceparent=traceparent, owner=self.scheduler_id)
         self.store.add(record)
         done = record.dispatching = self.outbox.dispatch_nowait(task, traceparent)
 

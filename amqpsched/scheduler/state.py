@@ -36,8 +36,7 @@ class TaskRecord:
     watchers: list[tuple[str, str]] = field(default_factory=list)
     #: W3C trace context sent on with its dispatches and answer (not journaled).
     traceparent: str | None = None
-    #: Its submitter takes ``answer_batch`` replies (not journaled: answered one by one after a
-    #: restart).
+    #: Its submitter takes ``answer_batch`` replies (journaled in its task: ``answer_batch``).
     batch_reply: bool = False
     #: Confirmed when its first dispatch is: a second submission of it waits for that.
     dispatching: asyncio.Future[None] | None = None
@@ -59,7 +58,7 @@ class TaskRecord:
             attempt=task.attempt,
             task=task,
             idempotency_key=task.idempotency_key,
-            **fields,
+            **{"batch_reply": task.answer_batch, **fields},
         )
 
     @property
