@@ -30,14 +30,22 @@ from .procs import (
     tree_cpu_seconds,
 )
 from .profile import Sampler, py_spy_binary, summarize
-from .sys_amqpsched import Amqpsched, AmqpschedMap
+from .sys_amqpsched import Amqpsched, AmqpschedMap, AmqpschedNoDirect
 from .sys_celery import CelerySystem
 from .sys_dramatiq import DramatiqSystem
 from .sys_raw import RawAioPika
 from .workloads import Row, Workload, payload_of, plan
 
 SYSTEMS: dict[str, type[System]] = {
-    cls.name: cls for cls in (Amqpsched, AmqpschedMap, RawAioPika, CelerySystem, DramatiqSystem)
+    cls.name: cls
+    for cls in (
+        Amqpsched,
+        AmqpschedNoDirect,
+        AmqpschedMap,
+        RawAioPika,
+        CelerySystem,
+        DramatiqSystem,
+    )
 }
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 PACKAGES = ("amqpsched", "aio-pika", "aiormq", "celery", "kombu", "dramatiq", "pika", "redis")
@@ -358,7 +366,10 @@ def format_ratios(rows: list[Row]) -> str:
         for r in rows
         if r.throughput_tps is not None
     }
-    peers = [s for s in dict.fromkeys(r.system for r in rows) if not s.startswith("amqpsched")]
+    # amqpsched-nodirect is a peer too: what direct answers save.
+    peers = [
+        s for s in dict.fromkeys(r.system for r in rows) if s not in ("amqpsched", "amqpsched-map")
+    ]
     lines: list[str] = []
     for (system, workload, in_flight, size), ours in measured.items():
         if system != ("amqpsched-map" if workload == "map" else "amqpsched"):

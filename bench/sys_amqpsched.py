@@ -33,10 +33,15 @@ def has_map() -> bool:
 class Amqpsched(System):
     name = "amqpsched"
 
+    #: Direct answers (protocol section 16): a lone succeeded task answered by its worker.
+    direct_answers = True
+
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
-        self.namespace = f"bench{ctx.run_id}"
-        self.settings = Settings(amqp_url=ctx.amqp_url, namespace=self.namespace)
+        self.namespace = f"bench{ctx.run_id}{'' if self.direct_answers else 'nd'}"
+        self.settings = Settings(
+            amqp_url=ctx.amqp_url, namespace=self.namespace, direct_answers=self.direct_answers
+        )
         self.client: Client | None = None
         self.scheduler_pids: list[int] = []
         self.worker_pids: list[int] = []
@@ -52,7 +57,11 @@ class Amqpsched(System):
         return "see amqpsched-map" if w.name == "map" else None
 
     async def start(self) -> None:
-        env = self.ctx.env(AMQPSCHED_AMQP_URL=self.ctx.amqp_url, AMQPSCHED_NAMESPACE=self.namespace)
+        env = self.ctx.env(
+            AMQPSCHED_AMQP_URL=self.ctx.amqp_url,
+            AMQPSCHED_NAMESPACE=self.namespace,
+            AMQPSCHED_DIRECT_ANSWERS=str(self.direct_answers).lower(),
+        )
         # Side by side, each follows the others through the journal (cluster mode); the first
         # declares the topology before the others start.
         first = self.spawn(["-m", "amqpsched.scheduler"], "scheduler", env)
@@ -137,6 +146,18 @@ class Amqpsched(System):
                 topology.control_exchange,
             ],
         )
+
+
+class AmqpschedNoDirect(Amqpsched):
+    """Every answer from the scheduler (``AMQPSCHED_DIRECT_ANSWERS=false``), one hop more: what
+    direct answers save, for the workloads where tasks travel alone."""
+
+    name = "amqpsched-nodirect"
+    direct_answers = False
+
+    def unsupported(self, w: Workload) -> str | None:
+        alone = w.name == "latency" or (w.name == "throughput" and w.in_flight == 1)
+        return None if alone else "one task at a time only"
 
 
 class AmqpschedMap(Amqpsched):
