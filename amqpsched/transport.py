@@ -219,14 +219,21 @@ async def publish(
     routing_key: str,
     *,
     mandatory: bool = False,
+    timeout: float = PUBLISH_TIMEOUT,
 ) -> None:
     """Publish and wait for the broker's confirm; raise :class:`BrokerError` if none comes."""
     try:
-        await exchange.publish(msg, routing_key, mandatory=mandatory, timeout=PUBLISH_TIMEOUT)
+        await exchange.publish(msg, routing_key, mandatory=mandatory, timeout=timeout)
     except aio_pika.exceptions.PublishError as exc:
         raise BrokerError(f"message to {routing_key!r} was not routed: {exc}") from exc
     except BROKER_ERRORS as exc:
         raise BrokerError(f"publish to {routing_key!r} failed: {exc.__class__.__name__}") from exc
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether a failed :func:`publish` was refused by the broker (a nack): some destination did
+    not take the message. With several destinations (a ``BCC``), the others may have."""
+    return isinstance(exc.__cause__, aio_pika.exceptions.DeliveryError)
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,14 @@ starts, so a restart forgets nothing within the retention window: no second answ
 deadline, no forgotten cancel or idempotency key.
 
 Dispatches and answers are journaled by the very publish that makes them: the stream is a second
-destination of the same message (a ``BCC`` header), so a message and its journal record exist
-together or not at all. Other records (cancels) are appended as JSON lines, group-committed:
-records that arrive while a publish awaits its confirm go together in the next message."""
+destination of the same message (a ``BCC`` header). That is not all-or-nothing when a broker node
+fails: RabbitMQ can refuse (nack) such a publish while one destination took it, and can hold a
+stream write unconfirmed for good when the stream's leader moves. The scheduler repairs both (see
+``Scheduler._finish_nowait``) with separate writes here: :meth:`Journal.copy_answers`. Other
+records (cancels, liveness, worker events) are appended as JSON lines, group-committed: records
+that arrive while a publish awaits its confirm go together in the next message. Every write here
+that is refused or not confirmed within :data:`WRITE_TIMEOUT` is made again on a new channel: a
+second copy of an entry is harmless, applying entries is idempotent."""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,7 +27,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
 
 from .. import transport
-from ..errors import BrokerError
+from ..errors import AmqpschedError, BrokerError
 from ..protocol import Kind
 from ..topology import Topology
 
@@ -33,19 +38,76 @@ Record = dict[str, Any]
 JOURNALED_KINDS = frozenset({Kind.TASK, Kind.ANSWER, Kind.TASK_BATCH, Kind.ANSWER_BATCH})
 
 
+#: Seconds a journal write waits for its confirm before it is made again on a new channel.
+WRITE_TIMEOUT = 5.0
+#: Attempts of one journal write.
+WRITE_ATTEMPTS = 3
+
+
 def cancelled(task_id: str, until: float) -> Record:
     return {"k": "cancelled", "task_id": task_id, "until": until}
 
 
 class Journal:
     def __init__(
-        self, channel: AbstractChannel, topology: Topology, scheduler_id: str | None = None
+        self,
+        channel: AbstractChannel,
+        topology: Topology,
+        scheduler_id: str | None = None,
+        new_channel: Callable[[], Awaitable[AbstractChannel]] | None = None,
     ) -> None:
+        """``new_channel``: opens a channel to write on when a write on ``channel`` fails (None:
+        each write is tried once)."""
         self.channel = channel
         self.topology = topology
         self._headers = {transport.H_SCHEDULER: scheduler_id} if scheduler_id else None
+        self._new_channel = new_channel
+        self._replacing: asyncio.Future[None] | None = None
         self._batch: list[tuple[Record, asyncio.Future[None]]] = []
         self._flusher: asyncio.Future[None] | None = None
+
+    async def copy_answers(self, answers: list[bytes]) -> None:
+        """Journal encoded answers on their own (not by the publish that sent them): one
+        ``answer_batch`` entry. Return once the broker confirmed it."""
+        items = b",".join(b'{"correlation_id":"","answer":' + a + b"}" for a in answers)
+        await self._write(b'{"v":1,"answers":[' + items + b"]}", Kind.ANSWER_BATCH)
+
+    async def _write(self, body: bytes, kind: Kind) -> None:
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            channel = self.channel
+            try:
+                await transport.publish(
+                    channel.default_exchange,
+                    transport.message(body, kind, persistent=True, headers=self._headers),
+                    self.topology.journal_queue,
+                    mandatory=True,
+                    timeout=WRITE_TIMEOUT if self._new_channel else transport.PUBLISH_TIMEOUT,
+                )
+                return
+            except BrokerError as exc:
+                if attempt == WRITE_ATTEMPTS or self._new_channel is None:
+                    raise
+                log.warning("journal write failed (%s): writing again on a new channel", exc)
+                await self._replace(channel)
+
+    async def _replace(self, failed: AbstractChannel) -> None:
+        """Write on a new channel from now on, unless another write replaced ``failed`` already
+        (one replacement for every write that failed on it)."""
+        if self._replacing is None or self._replacing.done():
+            if self.channel is not failed:
+                return
+            self._replacing = asyncio.ensure_future(self._open(failed))
+        await asyncio.shield(self._replacing)
+
+    async def _open(self, failed: AbstractChannel) -> None:
+        assert self._new_channel is not None
+        try:
+            self.channel = await self._new_channel()
+        except (AmqpschedError, RuntimeError) as exc:  # RuntimeError: the connection is closed
+            log.warning("could not open a journal channel: %s", exc)
+            await asyncio.sleep(0.5)
+            return
+        await transport.close_quietly(failed)
 
     async def append(self, record: Record) -> None:
         """Return once the broker has confirmed the record is stored."""
@@ -60,12 +122,7 @@ class Journal:
             batch, self._batch = self._batch, []
             body = "\n".join(json.dumps(r, separators=(",", ":")) for r, _ in batch).encode()
             try:
-                await transport.publish(
-                    self.channel.default_exchange,
-                    transport.message(body, Kind.JOURNAL, persistent=True, headers=self._headers),
-                    self.topology.journal_queue,
-                    mandatory=True,
-                )
+                await self._write(body, Kind.JOURNAL)
             except BrokerError as exc:
                 for _, fut in batch:
                     if not fut.done():

@@ -10,7 +10,6 @@ import time
 import uuid
 from typing import Any
 
-import aio_pika.exceptions
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
@@ -66,6 +65,18 @@ async def _all(pending: list[asyncio.Future[Any]]) -> None:
         raise failed[0]
 
 
+def _chain(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> None:
+    """Settle ``target`` as ``source`` was settled."""
+    if target.done():
+        return
+    if source.cancelled():
+        target.cancel()
+    elif (exc := source.exception()) is not None:
+        target.set_exception(exc)
+    else:
+        target.set_result(source.result())
+
+
 def _log_failure(fut: asyncio.Future[None]) -> None:
     if not fut.cancelled() and fut.exception() is not None:
         log.warning("could not send an answer: %s", fut.exception())
@@ -79,6 +90,10 @@ KIND_NAMES = frozenset(k.value for k in Kind)
 UNSURE_MARGIN = 30.0
 #: Seconds an unsure answer is remembered (its outcome comes back long before).
 UNSURE_KEEP = 3600.0
+#: Seconds an answer may wait for its confirm before it is also journaled on its own.
+ANSWER_GRACE = 3.0
+#: Attempts to send again, on its own, an answer whose publish was refused.
+RESEND_ATTEMPTS = 5
 #: Refused publishes within this many seconds after which a new channel is used to publish.
 REFUSALS_LIMIT = 3
 REFUSALS_WINDOW = 2.0
@@ -123,6 +138,10 @@ class Scheduler:
         self._background: set[asyncio.Future[None]] = set()
         self._alive_at = 0.0
         self._journal_check: tuple[float, asyncio.Future[dict[str, Answer]]] | None = None
+        #: Answers sent and not yet confirmed: task id -> (when, answer); journaled on their own
+        #: if the confirm is late.
+        self._answering: dict[str, tuple[float, Answer]] = {}
+        self._unsure_check: asyncio.Future[None] | None = None
         self.consuming = False
         self.fenced = 0
         self.metrics.registry.register(
@@ -162,7 +181,14 @@ class Scheduler:
                 self.scheduler_id,
             )
             transport.on_reconnect(self._conn, self.metrics.reconnects.inc)
-            self._journal = Journal(channel, topo, self.scheduler_id)
+            conn = self._conn
+            # Journal records on a channel of their own, replaced when a write is not confirmed.
+            self._journal = Journal(
+                await transport.confirm_channel(conn),
+                topo,
+                self.scheduler_id,
+                new_channel=lambda: transport.confirm_channel(conn),
+            )
             # Read the journal to its end, then go on following it: what other schedulers
             # dispatch, answer and cancel is known here too.
             recovered = await self._follow_journal()
@@ -215,6 +241,8 @@ class Scheduler:
                 )
             except (AmqpschedError, TimeoutError) as exc:
                 log.warning("could not say goodbye in the journal: %s", exc)
+        if self._unsure_check is not None:
+            self._unsure_check.cancel()
         if self._reader is not None:
             await self._reader.close()
         if self._conn is not None:
@@ -241,7 +269,13 @@ class Scheduler:
     def _apply_entry(self, kind: str, body: bytes, origin: str | None) -> None:
         """A journal entry, at start or written since by another scheduler."""
         if origin == self.scheduler_id:
-            return  # its own: applied when it was made
+            # Its own: applied when it was made; but an answer whose publish failed without a
+            # confirm or a refusal is known to have gone out once its journal copy is read.
+            if self._unsure and kind in (Kind.ANSWER, Kind.ANSWER_BATCH):
+                for answer in journaled_answers(kind, body):
+                    if answer.task_id in self._unsure:
+                        self._went_out(answer)
+            return
         if kind in (Kind.ANSWER, Kind.ANSWER_BATCH):
             for answer in journaled_answers(kind, body):
                 self._apply_answer(answer)  # and to who asked here
@@ -273,6 +307,41 @@ class Scheduler:
                 sent = asyncio.ensure_future(self.outbox.send(reply_to, corr, Kind.ANSWER, body))
                 sent.add_done_callback(_log_failure)
 
+    def _went_out(self, answer: Answer) -> None:
+        """An answer this scheduler was unsure of is in the journal: it went out."""
+        task_id = answer.task_id or ""
+        self._unsure.pop(task_id, None)
+        record = self.store.get(task_id)
+        if record is not None and not record.final and record.answering is None:
+            self.store.finish(record, answer, answer.finished_at or time.time())
+            log.info("answer of %s found in the journal: it went out", task_id)
+
+    def _check_unsure_soon(self) -> None:
+        if self._unsure_check is None or self._unsure_check.done():
+            self._unsure_check = asyncio.ensure_future(self._check_unsure())
+
+    async def _check_unsure(self, wait: float = 60.0) -> None:
+        """Look in the journal for the answers this scheduler is unsure of, once connected
+        again. Their outcomes are redelivered, maybe to another scheduler: without this, one
+        that went out would stay unanswered here (a stale status)."""
+        assert self._conn is not None
+        await asyncio.sleep(REQUEUE_PAUSE)
+        began = time.monotonic()
+        while self._unsure and time.monotonic() - began < wait:
+            if not transport.is_connected(self._conn):
+                await asyncio.sleep(REQUEUE_PAUSE)
+                continue
+            try:
+                found = await self._answers_in_journal(max(self._unsure.values()))
+            except AmqpschedError as exc:
+                log.warning("could not look for unsure answers in the journal: %s", exc)
+                await asyncio.sleep(REQUEUE_PAUSE)
+                continue
+            for task_id in list(self._unsure):
+                if task_id in found:
+                    self._went_out(found[task_id])
+            return
+
     async def _alive(self) -> None:
         """Tell the other schedulers this one is alive (a journal record)."""
         now = time.time()
@@ -285,7 +354,7 @@ class Scheduler:
 
     async def _requeue_later(self, msg: IncomingMessage, exc: Exception) -> None:
         log.warning("message %s not handled, will be redelivered: %s", msg.message_id, exc)
-        if isinstance(exc.__cause__, aio_pika.exceptions.DeliveryError):
+        if transport.refused(exc):
             self._refused()
         await asyncio.sleep(REQUEUE_PAUSE)
         await transport.settle(msg, requeue=True)
@@ -311,7 +380,7 @@ class Scheduler:
             log.warning("could not open a new channel to publish on: %s", exc)
             return
         old = self.outbox.channel
-        self.outbox.channel = self.journal.channel = channel
+        self.outbox.channel = channel
         log.warning("publishes were refused: publishing on a new channel")
         await asyncio.sleep(transport.PUBLISH_TIMEOUT)  # what was sent on it is settled
         if old is not self._channel:
@@ -831,19 +900,38 @@ class Scheduler:
         state, watchers, task = record.state, list(record.watchers), record.task
         self.store.finish(record, answer, now)  # final at once for status queries
         # Sent and journaled by one publish: after a crash, a restarted scheduler knows exactly
-        # which answers went out.
+        # which answers went out. When a broker node fails, it is not all-or-nothing: a refused one
+        # may be in the journal and not sent, or sent and not in the journal; one not confirmed
+        # for long may be sent, with its journal copy held for good (RabbitMQ 3.10, a stream
+        # leader moving). Refused: sent again on its own, then journaled on its own; late:
+        # journaled on its own too (see sweep); neither: the journal tells whether it went out.
         batch_reply = record.batch_reply and direct is None
-        done = record.answering = self.outbox.answer_nowait(
-            targets, answer, record.traceparent, batch_reply
-        )
+        sent = self.outbox.answer_nowait(targets, answer, record.traceparent, batch_reply)
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        record.answering = done
+        self._answering[record.task_id] = (now, answer)
+
+        def published(fut: asyncio.Future[Any]) -> None:
+            exc = None if fut.cancelled() else fut.exception()
+            if exc is not None and transport.refused(exc):
+                self._refused()
+                resent = asyncio.ensure_future(self._resend(targets, answer, record))
+                resent.add_done_callback(lambda r: _chain(r, done))
+                return
+            _chain(fut, done)
 
         def answered(fut: asyncio.Future[Any]) -> None:
+            self._answering.pop(record.task_id, None)
             if record.answering is fut:
                 record.answering = None
             if fut.cancelled() or fut.exception() is not None:
                 self.store.reopen(record, state, watchers)  # the redelivery will answer it
                 record.task = task
-                self._unsure[record.task_id] = time.time()
+                exc = None if fut.cancelled() else fut.exception()
+                if exc is None or not transport.refused(exc):
+                    # It may have gone out: the journal is asked before it is sent again.
+                    self._unsure[record.task_id] = time.time()
+                    self._check_unsure_soon()
                 return
             outcome = answer.error.type.value if answer.error else answer.status.value
             counters = self.metrics.of(record.capability)
@@ -851,8 +939,54 @@ class Scheduler:
             if record.submitted_at:
                 counters.end_to_end.observe(max(now - record.submitted_at, 0.0))
 
+        sent.add_done_callback(published)
         done.add_done_callback(answered)
         return done
+
+    async def _resend(
+        self, targets: list[tuple[str, str]], answer: Answer, record: TaskRecord
+    ) -> None:
+        """An answer whose publish was refused: send it again to each target on its own (a
+        refused publish may have reached some of its destinations: the journal, or the reply
+        queue), until confirmed, then journal it on its own."""
+        body = encode(answer)
+        left = list(targets)
+        for attempt in range(1, RESEND_ATTEMPTS + 1):
+            await asyncio.sleep(REQUEUE_PAUSE)
+            results = await asyncio.gather(
+                *(self.outbox.send(r, c, Kind.ANSWER, body, record.traceparent) for r, c in left),
+                return_exceptions=True,
+            )
+            failed = [(t, r) for t, r in zip(left, results, strict=True) if r is not None]
+            left = [t for t, _ in failed]
+            if not left:
+                break
+            exc = failed[0][1]
+            if not isinstance(exc, BrokerError) or attempt == RESEND_ATTEMPTS:
+                raise exc
+            if transport.refused(exc):
+                self._refused()
+        await self.journal.copy_answers([body])
+        log.info("answer of %s sent again on its own: its publish was refused", record.task_id)
+
+    def _copy_late_answers(self, now: float) -> None:
+        """Journal on their own the answers whose publish waits for its confirm since
+        ``ANSWER_GRACE``: its journal copy may be held for good (see :meth:`_finish_nowait`). A
+        second copy in the journal is harmless."""
+        late = [(t, a) for t, (at, a) in self._answering.items() if at < now - ANSWER_GRACE]
+        if not late:
+            return
+        for task_id, _ in late:
+            del self._answering[task_id]
+        copies = [encode(a) for _, a in late]
+        self._background.add(copy := asyncio.ensure_future(self.journal.copy_answers(copies)))
+        copy.add_done_callback(self._background.discard)
+        copy.add_done_callback(_log_failure)
+        log.warning(
+            "%d answer(s) not confirmed after %.0fs: journaled on their own",
+            len(late),
+            ANSWER_GRACE,
+        )
 
     async def _on_announcement(self, msg: IncomingMessage) -> None:
         try:
@@ -927,6 +1061,7 @@ class Scheduler:
             await asyncio.gather(*(self._expire(record, now) for record in due))
         self._cancels = {k: v for k, v in self._cancels.items() if v > now}
         self._unsure = {k: v for k, v in self._unsure.items() if v > now - UNSURE_KEEP}
+        self._copy_late_answers(now)
         if now >= self._alive_at + self.settings.heartbeat_interval:
             await self._alive()
         self.peers.forget_old(now, UNSURE_KEEP)
