@@ -25,7 +25,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from amqpsched.protocol import ACCEPT_HEADER, TaskMessage
 from amqpsched.worker import WorkerApp
 from amqpsched.worker.builtin import app as builtin_app
-from amqpsched.worker.direct import DEADLINE_MARGIN, answers_directly
+from amqpsched.worker.direct import DEADLINE_MARGIN, Heartbeats, answers_directly
 
 from .conftest import System
 
@@ -241,7 +241,23 @@ def test_a_lone_success_of_a_client_that_asked_is_answered_directly() -> None:
         ("the scheduler answers a cancel", task(), {"cancelled": True}),
         ("a batch holds other clients' tasks", task(), {"batched": True}),
         ("the scheduler may be expiring it", task(deadline_in=DEADLINE_MARGIN / 2), {}),
+        ("it may have been declared dead", task(), {"heartbeats_kept": False}),
     ],
 )
 def test_no_direct_answer(why: str, t: TaskMessage, overrides: dict[str, Any]) -> None:
     assert not rule(t, **overrides), why
+
+
+def test_heartbeats_lapse_on_a_long_gap_or_a_lost_connection() -> None:
+    beats = Heartbeats(interval=1.0, miss_limit=3, now=100.0)  # a lapse: a gap over 2.5 s
+    beats.beat(101.0)
+    beats.beat(102.1)
+    assert beats.kept_since(101.5, now=102.5)
+    beats.beat(105.0)  # 2.9 s without one: a scheduler may have declared this worker dead
+    assert not beats.kept_since(101.5, now=105.1)  # an attempt started before: not directly
+    assert beats.kept_since(105.0 + 0.1, now=105.5)  # one started after: directly again
+    assert not beats.kept_since(105.1, now=108.0)  # none for 3 s now: not directly
+    beats.beat(108.1)
+    beats.broke(108.5)
+    assert not beats.kept_since(108.2, now=108.6)
+    assert Heartbeats(interval=1.0, miss_limit=1, now=0.0).limit < 1.0  # every gap lapses

@@ -6,14 +6,18 @@ import asyncio
 import time
 import uuid
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+from pydantic import SecretStr
 
-from amqpsched import TaskFailed, WorkerApp
+from amqpsched import TaskFailed, WorkerApp, transport
 from amqpsched.protocol import RetryPolicy, TaskState
+from amqpsched.scheduler import Scheduler
 from amqpsched.transport import H_ATTEMPTS, H_CAPABILITY, H_ERROR, H_REASON
 
 from .conftest import System
+from .prom_server import TcpProxy
 
 
 class Flaky:
@@ -239,6 +243,11 @@ async def test_a_hung_worker_is_declared_dead_and_its_late_result_is_fenced(
     status = await handle.status()
     assert status.answer is not None
     assert status.answer.worker_id == healthy.worker_id
+    # Nor did it answer the client directly (protocol section 16): its heartbeats had lapsed.
+    async with asyncio.timeout(10):
+        while not hung._outcomes.idle:
+            await asyncio.sleep(0.02)
+    assert hung.metrics.direct_answers._value.get() == 0
 
 
 async def test_a_restarted_scheduler_remembers_answers_cancels_keys_and_deadlines(
@@ -272,3 +281,48 @@ async def test_a_restarted_scheduler_remembers_answers_cancels_keys_and_deadline
     second = await system.worker("echo")
     assert await client.call("echo", "after", timeout=10) == "after"
     assert second.executed == 1
+
+
+async def test_a_scheduler_cut_off_from_the_broker_declares_no_worker_dead(
+    system: System,
+) -> None:
+    """Workers' heartbeats cannot reach a scheduler that lost the broker; that is not their
+    missing them. Once it is back, its workers are still live and a task that ran meanwhile is
+    answered from its one attempt (not re-dispatched, not ``worker_lost``)."""
+    url = urlsplit(system.settings.amqp_url.get_secret_value())
+    proxy = TcpProxy(url.hostname or "127.0.0.1", url.port or 5672)
+    await proxy.start()
+    netloc = f"{url.username}:{url.password}@127.0.0.1:{proxy.port}"
+    proxied = urlunsplit(url._replace(netloc=netloc, query="reconnect_interval=0.2"))
+    scheduler = Scheduler(system.settings.model_copy(update={"amqp_url": SecretStr(proxied)}))
+    await scheduler.start()
+    try:
+        worker = await system.worker("sleep")
+        client = await system.client()
+        handle = await client.submit("sleep", {"seconds": 2.5}, timeout=30)
+        async with asyncio.timeout(10):
+            while (await handle.status()).state != TaskState.RUNNING:
+                await asyncio.sleep(0.05)
+        assert scheduler._conn is not None
+        await proxy.cut()
+        async with asyncio.timeout(10):
+            while transport.is_connected(scheduler._conn):
+                await asyncio.sleep(0.02)
+        # Off the broker for several liveness windows (0.2 s x 3) while the task runs.
+        await asyncio.sleep(1.5)
+        await proxy.start()
+        async with asyncio.timeout(20):
+            while not transport.is_connected(scheduler._conn):
+                await asyncio.sleep(0.05)
+        answer = await handle.answer(timeout=20)
+        assert (answer.status, answer.attempts) == ("succeeded", 1), answer
+        # The scheduler took that attempt's outcome as the answer: it had not superseded it.
+        async with asyncio.timeout(10):
+            while (status := await handle.status()).state != TaskState.SUCCEEDED:
+                await asyncio.sleep(0.05)
+        assert status.attempts == 1, status
+        assert scheduler.registry.get(worker.worker_id) is not None
+        assert worker.executed == 1
+    finally:
+        await scheduler.stop()
+        await proxy.cut()

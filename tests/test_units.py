@@ -129,6 +129,15 @@ def test_worker_is_live_until_deadline_then_swept() -> None:
     assert not reg.has_live("resize")
 
 
+def test_heartbeats_missed_while_the_scheduler_was_cut_off_do_not_count() -> None:
+    reg = WorkerRegistry(heartbeat_interval=1.0, miss_limit=3)
+    reg.observe(Kind.HELLO, _ann("w1", "resize"), now=100.0)
+    reg.excuse(now=110.0)  # the scheduler was off the broker from ~101 to 110
+    assert reg.sweep(now=112.9) == []
+    assert reg.has_live("resize")
+    assert reg.sweep(now=113.1) == ["w1"]  # a whole window after, and still silent: dead
+
+
 def test_goodbye_removes_at_once() -> None:
     reg = WorkerRegistry(1.0, 3)
     reg.observe(Kind.HELLO, _ann("w1", "echo"), now=0.0)

@@ -34,6 +34,7 @@ class Registry(Protocol):
 
     def observe(self, kind: Kind, announcement: WorkerAnnouncement, now: float) -> None: ...
     def sweep(self, now: float) -> list[str]: ...
+    def excuse(self, now: float) -> None: ...
     def has_live(self, capability: str) -> bool: ...
     def catalog(self) -> list[CatalogEntry]: ...
 
@@ -72,6 +73,12 @@ class WorkerRegistry:
         )
         if known is None or known.shape() != info.shape():
             self._batch_limits.clear()
+
+    def excuse(self, now: float) -> None:
+        """The scheduler was cut off from the broker until ``now``: heartbeats could not reach it,
+        so none counts as missed. Every known worker gets a whole liveness window from now."""
+        for worker in self._workers.values():
+            worker.last_seen = max(worker.last_seen, now)
 
     def sweep(self, now: float) -> list[str]:
         """Forget workers whose deadline passed; return their ids."""

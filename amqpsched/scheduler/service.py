@@ -137,6 +137,8 @@ class Scheduler:
         self._replaced_at = -REFUSALS_WINDOW
         self._background: set[asyncio.Future[None]] = set()
         self._alive_at = 0.0
+        #: Cut off from the broker at the last sweep: workers' heartbeats could not arrive.
+        self._offline = False
         self._journal_check: tuple[float, asyncio.Future[dict[str, Answer]]] | None = None
         #: Answers sent and not yet confirmed: task id -> (when, answer); journaled on their own
         #: if the confirm is late.
@@ -807,10 +809,10 @@ class Scheduler:
         direct: bool,
     ) -> None:
         await asyncio.wait([answering])
-        if answering.cancelled() or answering.exception() is not None:
-            again = self._outcome(ev, traceparent, direct)
-            if again is not None:
-                await again
+        # Answered: this one is dropped (or fenced, and counted so). Not: it answers instead.
+        again = self._outcome(ev, traceparent, direct)
+        if again is not None:
+            await again
 
     async def _outcome_checked(
         self, ev: OutcomeEvent, traceparent: str | None, direct: bool
@@ -1031,7 +1033,16 @@ class Scheduler:
                 log.exception("sweep failed")
 
     async def sweep(self, now: float) -> None:
-        for worker_id in self.registry.sweep(now):
+        # While this scheduler is cut off, workers are not missing heartbeats: it is. None is
+        # declared dead then, and each gets a whole liveness window once it is back.
+        connected = self._conn is None or transport.is_connected(self._conn)
+        if not connected:
+            self._offline = True
+        elif self._offline:
+            self._offline = False
+            self.registry.excuse(now)
+            log.info("back on the broker: every worker has a new liveness window")
+        for worker_id in self.registry.sweep(now) if connected else []:
             lost = self.store.running_on(worker_id)
             log.warning(
                 "worker %s missed its heartbeats: declared dead with %d running task(s)",

@@ -18,6 +18,33 @@ from ..protocol import TaskMessage
 DEADLINE_MARGIN = 2.0
 
 
+class Heartbeats:
+    """Whether this worker's heartbeats kept reaching the broker. A scheduler declares a worker
+    dead once ``interval * miss_limit`` seconds pass without one, and gives its task to another
+    attempt; the first attempt's outcome is then fenced off by the scheduler, so it must not go
+    to the client directly either. A gap of ``interval * (miss_limit - 0.5)`` between two
+    heartbeats that reached the broker, or a lost connection, counts as a lapse (with
+    ``miss_limit`` 1, every gap does: no direct answers)."""
+
+    def __init__(self, interval: float, miss_limit: int, now: float) -> None:
+        self.limit = interval * (miss_limit - 0.5)
+        self.ok_at = now
+        self.lapsed_at = now
+
+    def beat(self, now: float) -> None:
+        """A heartbeat was confirmed by the broker at ``now``."""
+        if now - self.ok_at > self.limit:
+            self.lapsed_at = now
+        self.ok_at = now
+
+    def broke(self, now: float) -> None:
+        """The connection was lost and is back: nothing tells what schedulers saw meanwhile."""
+        self.lapsed_at = now
+
+    def kept_since(self, since: float, now: float) -> bool:
+        return self.lapsed_at < since and now - self.ok_at <= self.limit
+
+
 def answers_directly(
     task: TaskMessage,
     *,
@@ -26,6 +53,7 @@ def answers_directly(
     cancelled: bool,
     started_at: float,
     batched: bool,
+    heartbeats_kept: bool = True,
 ) -> bool:
     """Whether the outcome of ``task`` also goes to its client.
 
@@ -35,10 +63,13 @@ def answers_directly(
     - the message was not delivered before: an earlier delivery may have answered already, its
       worker dying before the ack; the scheduler, which knows, answers instead;
     - no cancel notice came, and the attempt started well before the deadline: the scheduler
-      answers a cancelled or an expired task itself.
+      answers a cancelled or an expired task itself;
+    - the worker's heartbeats kept coming since the attempt started (:class:`Heartbeats`): else
+      a scheduler may have declared it dead and run the task again.
     """
     return (
-        task.direct
+        heartbeats_kept
+        and task.direct
         and succeeded
         and not batched
         and not redelivered

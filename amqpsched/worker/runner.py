@@ -46,7 +46,7 @@ from ..topology import DELAY_HEADER, Topology
 from ..transport import IncomingMessage
 from .app import Handler, InvalidPayload, InvalidResult, WorkerApp, to_json
 from .delivery import BatchDelivery, Delivery
-from .direct import answers_directly
+from .direct import Heartbeats, answers_directly
 from .slots import Slots
 
 log = logging.getLogger("amqpsched.worker")
@@ -101,6 +101,9 @@ class Worker:
         self._cancelled: dict[str, float] = {}
         self._handler_tasks: dict[str, asyncio.Future[Any]] = {}
         self._welcomed = asyncio.Event()
+        self._beats = Heartbeats(
+            settings.heartbeat_interval, settings.heartbeat_miss_limit, time.time()
+        )
         # Outcomes ready at the same moment go to the scheduler in one `outcome_batch`; one
         # that goes alone may go to its client too (the last item: its task, if it may).
         self._outcomes: Coalescer[_Outcome] = Coalescer(
@@ -133,7 +136,7 @@ class Worker:
                 topo.delay_exchange,
             ):
                 await topo.ensure(channel, name)
-            transport.on_reconnect(self._conn, self.metrics.reconnects.inc)
+            transport.on_reconnect(self._conn, self._reconnected)
             self._events = await channel.get_exchange(topo.events_exchange, ensure=False)
             if self.settings.direct_answers and await self._may_answer_directly(channel):
                 self._replies = await channel.get_exchange(topo.replies_exchange, ensure=False)
@@ -146,6 +149,9 @@ class Worker:
             # A scheduler answers hello with the cancellations in force: wait for them (briefly;
             # maybe no scheduler runs yet) so a cancelled queued task is never started.
             await self._announce(Kind.HELLO)
+            self._beats = Heartbeats(
+                self.settings.heartbeat_interval, self.settings.heartbeat_miss_limit, time.time()
+            )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._welcomed.wait(), self.settings.heartbeat_interval)
             # Long tasks must not be cut by the broker's delivery-ack timeout (the scheduler's
@@ -250,11 +256,16 @@ class Worker:
         body = encode(self.announcement())
         await transport.publish(self._registry, transport.message(body, kind, persistent=False), "")
 
+    def _reconnected(self) -> None:
+        self.metrics.reconnects.inc()
+        self._beats.broke(time.time())
+
     async def _heartbeat_forever(self) -> None:
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval)
             try:
                 await self._announce(Kind.HEARTBEAT)
+                self._beats.beat(time.time())
             except AmqpschedError as exc:
                 log.warning("heartbeat failed: %s", exc)
             except Exception:  # the heartbeat must outlive any one failure
@@ -592,13 +603,15 @@ class Worker:
     async def _send_outcomes(self, items: list[_Outcome]) -> None:
         if len(items) == 1:
             event, traceparent, body, task = items[0]
+            started_at = event.started_at or time.time()
             if task is not None and answers_directly(
                 task,
                 succeeded=event.status == Status.SUCCEEDED,
                 redelivered=False,  # checked when the item was made
                 cancelled=event.task_id in self._cancelled,
-                started_at=event.started_at or task.deadline,
+                started_at=started_at,
                 batched=False,
+                heartbeats_kept=self._beats.kept_since(started_at, time.time()),
             ):
                 await self._publish_direct(event, traceparent, body)
             else:
