@@ -113,7 +113,7 @@ class Amqpsched(System):
         return await self.client.call(CAPABILITY, payload, timeout=TASK_TIMEOUT)
 
     async def run(self, w: Workload, payload: str) -> Measurement:
-        return await drive_async(self.call, payload, w.tasks, w.in_flight)
+        return await drive_async(self.call, payload, w.tasks, w.in_flight, w.pause)
 
     async def stop(self) -> None:
         if self.client is not None:
@@ -156,7 +156,7 @@ class AmqpschedNoDirect(Amqpsched):
     direct_answers = False
 
     def unsupported(self, w: Workload) -> str | None:
-        alone = w.name == "latency" or (w.name == "throughput" and w.in_flight == 1)
+        alone = w.name in ("latency", "paced") or (w.name == "throughput" and w.in_flight == 1)
         return None if alone else "one task at a time only"
 
 

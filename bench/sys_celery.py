@@ -73,7 +73,7 @@ class CelerySystem(ThreadedSystem):
         if w.name == "map":
             return await self.in_thread(lambda: self._group(w.tasks, payload))
         return await self.in_thread(
-            lambda: drive_window(self._send, self._wait, payload, w.tasks, w.in_flight)
+            lambda: drive_window(self._send, self._wait, payload, w.tasks, w.in_flight, w.pause)
         )
 
     def _group(self, tasks: int, payload: str) -> Measurement:

@@ -80,7 +80,7 @@ class RawAioPika(System):
         return (await asyncio.wait_for(fut, 120)).decode()
 
     async def run(self, w: Workload, payload: str) -> Measurement:
-        return await drive_async(self.call, payload, w.tasks, w.in_flight)
+        return await drive_async(self.call, payload, w.tasks, w.in_flight, w.pause)
 
     async def stop(self) -> None:
         if self._conn is not None:

@@ -40,6 +40,13 @@ class Workload:
     in_flight: int
     payload_bytes: int
     tasks: int
+    #: Seconds each caller waits between its calls (``paced``: sequential calls at a low rate,
+    #: where the machine is not busy and a round trip is its path, not a queue for the CPU).
+    pause: float = 0.0
+
+
+#: Seconds between two calls of the ``paced`` workload.
+PACE = 0.02
 
 
 def plan(quick: bool) -> list[Workload]:
@@ -49,6 +56,7 @@ def plan(quick: bool) -> list[Workload]:
             Workload("throughput", 64, 100, 300),
             Workload("throughput", 1000, 100, 1000),
             Workload("latency", 1, 100, 100),
+            Workload("paced", 1, 100, 30, PACE),
             Workload("payload", 64, 1024, 200),
             Workload("payload", 64, 65536, 100),
             Workload("map", 1000, 100, 1000),
@@ -58,6 +66,7 @@ def plan(quick: bool) -> list[Workload]:
         Workload("throughput", 64, 100, 4000),
         Workload("throughput", 1000, 100, 10000),
         Workload("latency", 1, 100, 1000),
+        Workload("paced", 1, 100, 300, PACE),
         Workload("payload", 64, 1024, 3000),
         Workload("payload", 64, 65536, 1000),
         Workload("map", 10000, 100, 10000),
@@ -132,10 +141,15 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 
 async def drive_async(
-    call: Callable[[str], Awaitable[Any]], payload: str, total: int, in_flight: int
+    call: Callable[[str], Awaitable[Any]],
+    payload: str,
+    total: int,
+    in_flight: int,
+    pause: float = 0.0,
 ) -> Measurement:
     """``in_flight`` coroutines, each calling one task after another until ``total`` are done:
-    exactly ``in_flight`` calls are outstanding until the tail."""
+    exactly ``in_flight`` calls are outstanding until the tail (each waits ``pause`` seconds
+    between its calls)."""
     latencies: list[float] = []
     remaining = total
 
@@ -148,6 +162,8 @@ async def drive_async(
             latencies.append(time.perf_counter() - started)
             if result != payload:
                 raise BenchError(f"echo answered {str(result)[:60]!r}")
+            if pause:
+                await asyncio.sleep(pause)
 
     started = time.perf_counter()
     await asyncio.gather(*(lane() for _ in range(min(in_flight, total))))
@@ -155,7 +171,12 @@ async def drive_async(
 
 
 def drive_window(
-    send: Callable[[str], H], wait: Callable[[H], Any], payload: str, total: int, in_flight: int
+    send: Callable[[str], H],
+    wait: Callable[[H], Any],
+    payload: str,
+    total: int,
+    in_flight: int,
+    pause: float = 0.0,
 ) -> Measurement:
     """For blocking clients, in one thread: keep a window of ``in_flight`` sent tasks, wait for
     the oldest, send one more. Tasks finish about in order, so about ``in_flight`` are
@@ -173,6 +194,8 @@ def drive_window(
         latencies.append(time.perf_counter() - t0)
         if result != payload:
             raise BenchError(f"echo answered {str(result)[:60]!r}")
+        if pause:
+            time.sleep(pause)
         if sent < total:
             window.append((time.perf_counter(), send(payload)))
             sent += 1
