@@ -620,6 +620,9 @@ async def test_livez_stays_up_and_readyz_follows_the_broker(
         assert await client.call("echo", "after", timeout=10) == "after"
         for who in procs:
             _, samples = await scrape(ports[who])
-            assert series(samples, "amqpsched_broker_reconnects_total") == {(): 1}, who
+            # At least the one reconnect (a loaded machine can need a second attempt that gets
+            # as far as a connection and loses it again).
+            reconnects = series(samples, "amqpsched_broker_reconnects_total")
+            assert set(reconnects) == {()} and reconnects[()] >= 1, (who, reconnects)
     finally:
         await proxy.cut()

@@ -1,0 +1,205 @@
+"""The one final answer to a task: sent and journaled by one publish, sent again on its own when
+refused, looked for in the journal when it may or may not have gone out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from .. import transport
+from ..errors import AmqpschedError, BrokerError
+from ..protocol import (
+    Answer,
+    Kind,
+    encode,
+)
+from .base import (
+    ANSWER_GRACE,
+    REQUEUE_PAUSE,
+    RESEND_ATTEMPTS,
+    UNSURE_MARGIN,
+    SchedulerBase,
+    chain_future,
+    log_failure,
+)
+from .journal import replay
+from .recovery import apply_answer, journaled_answers
+from .state import TaskRecord
+
+log = logging.getLogger("amqpsched.scheduler")
+
+
+class Answering(SchedulerBase):
+    def _apply_answer(self, answer: Answer) -> None:
+        """Another scheduler answered: remember it, and send it to who asked here."""
+        record = self.store.get(answer.task_id) if answer.task_id else None
+        watchers = list(record.watchers) if record is not None and not record.final else []
+        apply_answer(self.store, answer)
+        self._unsure.pop(answer.task_id or "", None)
+        if watchers and record is not None and record.final:
+            body = encode(answer)
+            for reply_to, corr in watchers:
+                sent = asyncio.ensure_future(self.outbox.send(reply_to, corr, Kind.ANSWER, body))
+                sent.add_done_callback(log_failure)
+
+    def _went_out(self, answer: Answer) -> None:
+        """An answer this scheduler was unsure of is in the journal: it went out."""
+        task_id = answer.task_id or ""
+        self._unsure.pop(task_id, None)
+        record = self.store.get(task_id)
+        if record is not None and not record.final and record.answering is None:
+            self.store.finish(record, answer, answer.finished_at or time.time())
+            log.info("answer of %s found in the journal: it went out", task_id)
+
+    def _check_unsure_soon(self) -> None:
+        if self._unsure_check is None or self._unsure_check.done():
+            self._unsure_check = asyncio.ensure_future(self._check_unsure())
+
+    async def _check_unsure(self, wait: float = 60.0) -> None:
+        """Look in the journal for the answers this scheduler is unsure of, once connected
+        again. Their outcomes are redelivered, maybe to another scheduler: without this, one
+        that went out would stay unanswered here (a stale status)."""
+        assert self._conn is not None
+        await asyncio.sleep(REQUEUE_PAUSE)
+        began = time.monotonic()
+        while self._unsure and time.monotonic() - began < wait:
+            if not transport.is_connected(self._conn):
+                await asyncio.sleep(REQUEUE_PAUSE)
+                continue
+            try:
+                found = await self._answers_in_journal(max(self._unsure.values()))
+            except AmqpschedError as exc:
+                log.warning("could not look for unsure answers in the journal: %s", exc)
+                await asyncio.sleep(REQUEUE_PAUSE)
+                continue
+            for task_id in list(self._unsure):
+                if task_id in found:
+                    self._went_out(found[task_id])
+            return
+
+    async def _answers_in_journal(self, failed_at: float) -> dict[str, Answer]:
+        """The answers journaled since a little before the earliest unsure one, read once for
+        every outcome waiting on it (a read that began before ``failed_at`` does not count)."""
+        check = self._journal_check
+        if check is None or check[0] < failed_at or (check[1].done() and check[1].exception()):
+            since = min(self._unsure.values(), default=failed_at) - UNSURE_MARGIN
+            check = self._journal_check = (time.time(), asyncio.ensure_future(self._read(since)))
+        return await asyncio.shield(check[1])
+
+    async def _read(self, since: float) -> dict[str, Answer]:
+        found: dict[str, Answer] = {}
+
+        def collect(kind: str, body: bytes) -> None:
+            found.update((a.task_id, a) for a in journaled_answers(kind, body) if a.task_id)
+
+        assert self._conn is not None
+        await replay(self._conn, self.topology, collect, since=since)
+        return found
+
+    async def _finish(self, record: TaskRecord, answer: Answer, now: float) -> None:
+        """Send the one final answer to the submitter and every watcher, then remember it."""
+        await self._finish_nowait(record, answer, now)
+
+    def _finish_nowait(
+        self,
+        record: TaskRecord,
+        answer: Answer,
+        now: float,
+        direct: tuple[str, str] | None = None,
+    ) -> asyncio.Future[Any]:
+        """``direct``: the (reply-to, correlation id) the worker answered itself; the answer is
+        journaled, and sent to the others."""
+        targets = [(record.reply_to, record.correlation_id), *record.watchers]
+        targets = [t for t in targets if t[0] and t != direct]
+        state, watchers, task = record.state, list(record.watchers), record.task
+        self.store.finish(record, answer, now)  # final at once for status queries
+        # Sent and journaled by one publish: after a crash, a restarted scheduler knows exactly
+        # which answers went out. When a broker node fails, it is not all-or-nothing: a refused one
+        # may be in the journal and not sent, or sent and not in the journal; one not confirmed
+        # for long may be sent, with its journal copy held for good (RabbitMQ 3.10, a stream
+        # leader moving). Refused: sent again on its own, then journaled on its own; late:
+        # journaled on its own too (see sweep); neither: the journal tells whether it went out.
+        batch_reply = record.batch_reply and direct is None
+        sent = self.outbox.answer_nowait(targets, answer, record.traceparent, batch_reply)
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        record.answering = done
+        self._answering[record.task_id] = (now, answer)
+
+        def published(fut: asyncio.Future[Any]) -> None:
+            exc = None if fut.cancelled() else fut.exception()
+            if exc is not None and transport.refused(exc):
+                self._refused()
+                resent = asyncio.ensure_future(self._resend(targets, answer, record))
+                resent.add_done_callback(lambda r: chain_future(r, done))
+                return
+            chain_future(fut, done)
+
+        def answered(fut: asyncio.Future[Any]) -> None:
+            self._answering.pop(record.task_id, None)
+            if record.answering is fut:
+                record.answering = None
+            if fut.cancelled() or fut.exception() is not None:
+                self.store.reopen(record, state, watchers)  # the redelivery will answer it
+                record.task = task
+                exc = None if fut.cancelled() else fut.exception()
+                if exc is None or not transport.refused(exc):
+                    # It may have gone out: the journal is asked before it is sent again.
+                    self._unsure[record.task_id] = time.time()
+                    self._check_unsure_soon()
+                return
+            outcome = answer.error.type.value if answer.error else answer.status.value
+            counters = self.metrics.of(record.capability)
+            counters.finished(outcome).inc()
+            if record.submitted_at:
+                counters.end_to_end.observe(max(now - record.submitted_at, 0.0))
+
+        sent.add_done_callback(published)
+        done.add_done_callback(answered)
+        return done
+
+    async def _resend(
+        self, targets: list[tuple[str, str]], answer: Answer, record: TaskRecord
+    ) -> None:
+        """An answer whose publish was refused: send it again to each target on its own (a
+        refused publish may have reached some of its destinations: the journal, or the reply
+        queue), until confirmed, then journal it on its own."""
+        body = encode(answer)
+        left = list(targets)
+        for attempt in range(1, RESEND_ATTEMPTS + 1):
+            await asyncio.sleep(REQUEUE_PAUSE)
+            results = await asyncio.gather(
+                *(self.outbox.send(r, c, Kind.ANSWER, body, record.traceparent) for r, c in left),
+                return_exceptions=True,
+            )
+            failed = [(t, r) for t, r in zip(left, results, strict=True) if r is not None]
+            left = [t for t, _ in failed]
+            if not left:
+                break
+            exc = failed[0][1]
+            if not isinstance(exc, BrokerError) or attempt == RESEND_ATTEMPTS:
+                raise exc
+            if transport.refused(exc):
+                self._refused()
+        await self.journal.copy_answers([body])
+        log.info("answer of %s sent again on its own: its publish was refused", record.task_id)
+
+    def _copy_late_answers(self, now: float) -> None:
+        """Journal on their own the answers whose publish waits for its confirm since
+        ``ANSWER_GRACE``: its journal copy may be held for good (see :meth:`_finish_nowait`). A
+        second copy in the journal is harmless."""
+        late = [(t, a) for t, (at, a) in self._answering.items() if at < now - ANSWER_GRACE]
+        if not late:
+            return
+        for task_id, _ in late:
+            del self._answering[task_id]
+        copies = [encode(a) for _, a in late]
+        self._background.add(copy := asyncio.ensure_future(self.journal.copy_answers(copies)))
+        copy.add_done_callback(self._background.discard)
+        copy.add_done_callback(log_failure)
+        log.warning(
+            "%d answer(s) not confirmed after %.0fs: journaled on their own",
+            len(late),
+            ANSWER_GRACE,
+        )
