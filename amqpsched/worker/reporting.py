@@ -37,8 +37,8 @@ from .slots import Slots
 log = logging.getLogger("amqpsched.worker")
 
 
-#: An outcome to send: the event, its traceparent, the event encoded, and its task if the outcome
-#: may also answer the client (:func:`answers_directly` decides when it is sent).
+#: An outcome to send: the event, its traceparent, the event encoded, and its task unless it was
+#: redelivered (then it never answers the client; :func:`answers_directly` decides the rest).
 Outcome = tuple[OutcomeEvent, str | None, bytes, TaskMessage | None]
 
 
@@ -171,11 +171,9 @@ class Reporting:
             finished_at=time.time(),
         )
         # The outcome is confirmed by the broker before the task is acked: never lost.
-        direct = task if task.direct and error is None and self._replies is not None else None
-        if direct is not None and (
-            delivery.message.redelivered or task.task_id in self._cancelled or started_at is None
-        ):
-            direct = None
+        # Whether it also answers the client is decided when it is sent (answers_directly); a
+        # redelivered task never does, and the delivery is known only here.
+        direct = None if delivery.message.redelivered or self._replies is None else task
         await self._outcomes.add((outcome, tracing.current_traceparent(), encode(outcome), direct))
         await delivery.settle()
         self.metrics.tasks.labels(
