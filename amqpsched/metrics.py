@@ -109,6 +109,21 @@ class SchedulerMetrics:
             ["capability"],
             registry=registry,
         )
+        self.cold = Gauge(
+            "amqpsched_tasks_kept_cold",
+            "Waiting tasks kept in a few bytes each, read back from the journal when needed",
+            registry=registry,
+        )
+        self.read_back = Counter(
+            "amqpsched_cold_tasks_read_back_total",
+            "Waiting tasks kept cold, read back from the journal",
+            registry=registry,
+        )
+        self.cold_missing = Counter(
+            "amqpsched_cold_tasks_missing_total",
+            "Waiting tasks kept cold whose dispatch was not found in the journal (forgotten)",
+            registry=registry,
+        )
         self.dead_lettered = Counter(
             "amqpsched_dead_lettered_total",
             "Messages this process put in the dead-letter queue, by reason",

@@ -149,6 +149,13 @@ class Settings(BaseSettings):
         gt=0,
         description="Most task records the scheduler keeps; the oldest finished ones go first.",
     )
+    max_waiting_records: int = Field(
+        default=1000,
+        ge=0,
+        description="Waiting tasks (dispatched, not started) the scheduler keeps whole in memory; "
+        "past it, the oldest are kept in about 34 bytes each and read back from the journal when "
+        "needed (a query, a worker's event, their deadline).",
+    )
     scheduler_prefetch: int = Field(
         default=512, gt=0, description="Messages the scheduler takes from each queue at once."
     )

@@ -131,20 +131,27 @@ async def _submit_all(client: Client, tasks: int, in_flight: int) -> float:
     return time.perf_counter() - started
 
 
-async def _submit_queue_empty(url: str, topology: Topology, timeout: float) -> int:
-    """Wait until the scheduler has taken every submission; the messages left (0 if drained)."""
+async def _all_dispatched(url: str, topology: Topology, tasks: int, timeout: float) -> int:
+    """Wait until every task waits in its capability queue (the scheduler took and dispatched
+    every submission); return the tasks not there yet (0: all)."""
     conn = await aio_pika.connect(url)
     try:
         channel = await conn.channel()
         deadline = time.monotonic() + timeout
-        count = -1
+        left = tasks
+        shown = time.monotonic()
         while time.monotonic() < deadline:
-            queue = await channel.declare_queue(topology.submit_queue, passive=True)
-            count = queue.declaration_result.message_count or 0
-            if count == 0:
+            queue = await channel.declare_queue(
+                topology.capability_queue(IDLE_CAPABILITY), passive=True
+            )
+            left = tasks - (queue.declaration_result.message_count or 0)
+            if left <= 0:
                 return 0
+            if time.monotonic() - shown > 30:
+                print(f"bench: scale: {tasks - left:,} dispatched", flush=True)
+                shown = time.monotonic()
             await asyncio.sleep(1)
-        return count
+        return left
     finally:
         await conn.close()
 
@@ -196,7 +203,17 @@ async def run_scale(args: argparse.Namespace) -> int:
         idle_rss = _kb(pid, "VmRSS")
         print(f"bench: scale: idle RSS {idle_rss:.1f} MB, idle CPU {idle_cpu:.1f} %", flush=True)
 
-        # 2. heartbeats
+        # 2. waiting tasks (first: the heartbeats of 1,000 workers leave memory of their own)
+        before_rss = _kb(pid, "VmRSS")
+        elapsed = await _submit_all(client, tasks, IN_FLIGHT)
+        submit_rate = tasks / elapsed
+        print(f"bench: scale: {tasks:,} submitted in {elapsed:.0f}s ({submit_rate:,.0f}/s)")
+        left = await _all_dispatched(args.amqp_url, topology, tasks, 1800)
+        await asyncio.sleep(5)
+        rss, hwm = _kb(pid, "VmRSS"), _kb(pid, "VmHWM")
+        depth = await _queue_depth(args.amqp_url, topology.capability_queue(IDLE_CAPABILITY))
+
+        # 3. heartbeats, while the tasks wait
         async with Announcer(args.amqp_url, namespace, workers, interval) as ann:
             await ann.hello()
             deadline = time.monotonic() + 30
@@ -218,18 +235,7 @@ async def run_scale(args: argparse.Namespace) -> int:
             f"RSS {hb_rss:.1f} MB",
             flush=True,
         )
-        # The simulated workers now fall silent and expire; let that settle first.
-        await asyncio.sleep(3 * interval + 5)
-        before_rss = _kb(pid, "VmRSS")
 
-        # 3. waiting tasks
-        elapsed = await _submit_all(client, tasks, IN_FLIGHT)
-        submit_rate = tasks / elapsed
-        print(f"bench: scale: {tasks:,} submitted in {elapsed:.0f}s ({submit_rate:,.0f}/s)")
-        left = await _submit_queue_empty(args.amqp_url, topology, 600)
-        await asyncio.sleep(5)
-        rss, hwm = _kb(pid, "VmRSS"), _kb(pid, "VmHWM")
-        depth = await _queue_depth(args.amqp_url, topology.capability_queue(IDLE_CAPABILITY))
         alive = sched.popen.poll() is None
 
         delta, peak_delta = rss - idle_rss, hwm - idle_rss
@@ -243,10 +249,11 @@ async def run_scale(args: argparse.Namespace) -> int:
         label = f"RSS with {tasks:,} tasks waiting"
         print(f"  {label:31} {rss:8.1f} MB (delta {delta:+.1f} MB)")
         print(f"  peak RSS (VmHWM)                {hwm:8.1f} MB (delta {peak_delta:+.1f} MB)")
+        print(f"  RSS after the heartbeats        {hb_rss:8.1f} MB")
         print(
             f"  submissions                     {submit_rate:8,.0f} tasks/s, {IN_FLIGHT} in flight"
         )
-        print(f"  left in submit queue            {left:8,}; capability queue depth {depth}")
+        print(f"  not dispatched yet              {left:8,}; capability queue depth {depth}")
         print(f"  memory target: peak within {MEMORY_TARGET_MB:.0f} MB of idle: {_verdict(mem_ok)}")
         print(
             f"  heartbeats: {workers:,} workers, {rate:,.0f}/s, scheduler {hb_cpu:.1f} % of one "

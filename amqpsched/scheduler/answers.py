@@ -20,18 +20,18 @@ from .base import (
     REQUEUE_PAUSE,
     RESEND_ATTEMPTS,
     UNSURE_MARGIN,
-    SchedulerBase,
     chain_future,
     log_failure,
 )
 from .journal import replay
+from .paging import Paging
 from .recovery import apply_answer, journaled_answers
 from .state import TaskRecord
 
 log = logging.getLogger("amqpsched.scheduler")
 
 
-class Answering(SchedulerBase):
+class Answering(Paging):
     def _apply_answer(self, answer: Answer) -> None:
         """Another scheduler answered: remember it, and send it to who asked here."""
         record = self.store.get(answer.task_id) if answer.task_id else None

@@ -112,6 +112,9 @@ class SchedulerBase:
     _alive_at: float
     #: Cut off from the broker at the last sweep: workers' heartbeats could not arrive.
     _offline: bool
+    #: Tasks whose first dispatch awaits its confirm; set when that falls under the limit.
+    _dispatching: int
+    _dispatch_freed: asyncio.Event
 
     @property
     def outbox(self) -> Outbox:

@@ -27,6 +27,7 @@ from ..protocol import (
 from ..transport import IncomingMessage
 from .answers import Answering
 from .base import wait_all
+from .cold import BATCH_REPLY
 from .outbox import failure
 from .state import TaskRecord, is_fenced
 
@@ -37,7 +38,9 @@ class Events(Answering):
     async def _on_event(self, msg: IncomingMessage) -> None:
         try:
             if msg.type == Kind.STARTED:
-                self._on_started(decode_event(StartedEvent, msg.body))
+                started = decode_event(StartedEvent, msg.body)
+                await self._warm(started.task_id)
+                self._on_started(started)
                 await self._share("started", msg.body)
                 await transport.settle(msg)
             elif msg.type == Kind.OUTCOME:
@@ -45,7 +48,9 @@ class Events(Answering):
             elif msg.type == Kind.OUTCOME_BATCH:
                 await self._on_outcome_batch(msg, decode_event(OutcomeBatch, msg.body))
             elif msg.type == Kind.RETRYING:
-                self._on_retrying(decode_event(RetryingEvent, msg.body))
+                retrying = decode_event(RetryingEvent, msg.body)
+                await self._warm(retrying.task_id)
+                self._on_retrying(retrying)
                 await self._share("retrying", msg.body)
                 await transport.settle(msg)
             elif msg.type == Kind.TASK:
@@ -71,6 +76,7 @@ class Events(Answering):
                 max(ev.started_at - record.submitted_at, 0.0)
             )
         record.state = TaskState.RUNNING
+        self.store.unwait(record.task_id)
         record.attempts = max(record.attempts, ev.attempt)
         record.attempt = ev.attempt
         record.worker_id = ev.worker_id
@@ -146,7 +152,8 @@ class Events(Answering):
         answer = answer_of(ev)
         if record is not None and record.attempts > ev.attempt:
             answer = answer.model_copy(update={"attempts": record.attempts})
-        if record is None:  # a scheduler that restarted: remember it for later queries
+        if record is None:  # kept cold, or a scheduler that restarted: remember it for queries
+            cold = self.store.cold.pop(ev.task_id) if len(self.store.cold) else None
             record = TaskRecord(
                 task_id=ev.task_id,
                 capability=ev.capability,
@@ -154,6 +161,7 @@ class Events(Answering):
                 correlation_id=ev.correlation_id,
                 submitted_at=ev.submitted_at,
                 deadline=ev.finished_at,
+                batch_reply=cold is not None and bool(cold.flags & BATCH_REPLY),
             )
         if traceparent is not None:
             record.traceparent = traceparent  # the worker's span: the answer's parent

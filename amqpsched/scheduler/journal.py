@@ -262,3 +262,71 @@ async def replay(
     """Read the journal to its end once (see :class:`JournalReader`)."""
     reader = JournalReader(conn, topology, lambda kind, body, _origin: apply(kind, body))
     return await reader.read(since=since, timeout=timeout, settle=settle)
+
+
+#: ``take(kind, body, origin, offset, headers)`` on each dispatch entry read back; True: done.
+Take = Callable[[str, bytes, str | None, int, dict[str, Any]], bool]
+
+
+async def read_dispatches(
+    conn: AbstractRobustConnection,
+    topology: Topology,
+    since: int,
+    take: Take,
+    *,
+    quiet: float = 1.0,
+    timeout: float = 60.0,
+) -> None:
+    """Read the dispatch entries of the journal from offset ``since`` on, calling ``take`` on
+    each, until it returns True or nothing more comes for ``quiet`` seconds (the end)."""
+    done = asyncio.Event()
+    arrived = asyncio.Event()
+    closing = False
+
+    async def on_message(msg: aio_pika.abc.AbstractIncomingMessage) -> None:
+        if closing:
+            return  # no frame on a channel being closed: the broker would close the connection
+        arrived.set()
+        headers = msg.headers or {}
+        offset = headers.get("x-stream-offset")
+        if (
+            not done.is_set()
+            and isinstance(offset, int)
+            and offset >= since
+            and msg.type in (Kind.TASK, Kind.TASK_BATCH)
+        ):
+            origin = headers.get(transport.H_SCHEDULER)
+            origin = origin if isinstance(origin, str) else None
+            try:
+                if take(msg.type, msg.body, origin, offset, dict(headers)):
+                    done.set()
+            except Exception:
+                log.exception("journal %s at %d skipped", msg.type, offset)
+        await msg.ack()
+
+    try:
+        channel = await conn.channel(publisher_confirms=False)
+    except transport.BROKER_ERRORS as exc:
+        raise BrokerError(f"cannot read the journal: {exc}") from exc
+    try:
+        await channel.set_qos(prefetch_count=1000)
+        queue = await channel.get_queue(topology.journal_queue, ensure=False)
+        tag = await queue.consume(on_message, arguments={"x-stream-offset": since})
+        deadline = time.monotonic() + timeout
+        wait = max(quiet, 5.0)  # the first entry may take a while: the stream seeks it
+        while not done.is_set():
+            arrived.clear()
+            try:
+                await asyncio.wait_for(arrived.wait(), wait)
+            except TimeoutError:
+                break  # the end: nothing more came
+            wait = quiet
+            if time.monotonic() > deadline:
+                raise BrokerError(f"reading the journal from {since} took over {timeout}s")
+        closing = True
+        await queue.cancel(tag)
+    except transport.BROKER_ERRORS as exc:
+        raise BrokerError(f"cannot read the journal: {exc}") from exc
+    finally:
+        closing = True
+        await transport.close_quietly(channel)

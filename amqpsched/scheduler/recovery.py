@@ -41,12 +41,13 @@ def apply_entry(
     kind: str,
     body: bytes,
     owner: str | None = None,
+    offset: int = -1,
 ) -> None:
-    """One journal entry, written by the scheduler ``owner``: a dispatch, an answer (or a batch
-    of either), or a JSON record."""
+    """One journal entry at ``offset``, written by the scheduler ``owner``: a dispatch, an
+    answer (or a batch of either), or a JSON record."""
     if kind in (Kind.TASK, Kind.TASK_BATCH):
         for task in journaled_tasks(kind, body):
-            apply_dispatch(store, task, owner)
+            apply_dispatch(store, task, owner, offset)
     elif kind in (Kind.ANSWER, Kind.ANSWER_BATCH):
         for answer in journaled_answers(kind, body):
             apply_answer(store, answer)
@@ -56,8 +57,10 @@ def apply_entry(
             cancels[record["task_id"]] = record["until"]
 
 
-def apply_dispatch(store: TaskStore, task: TaskMessage, owner: str | None = None) -> None:
-    """A dispatch journaled by ``owner`` (a scheduler id; None if not known)."""
+def apply_dispatch(
+    store: TaskStore, task: TaskMessage, owner: str | None = None, offset: int = -1
+) -> None:
+    """A dispatch journaled by ``owner`` (a scheduler id; None if not known) at ``offset``."""
     known = store.get(task.task_id)
     if known is not None and not known.final:
         if task.attempt >= known.attempt:  # a re-dispatch
@@ -68,7 +71,10 @@ def apply_dispatch(store: TaskStore, task: TaskMessage, owner: str | None = None
         return
     # New, or a later dispatch of a finished id: a replay from the dead-letter queue.
     if known is None or task.submitted_at >= (known.finished_at or 0.0):
-        store.add(TaskRecord.of(task, state=TaskState.DISPATCHED, recovered=True, owner=owner))
+        record = TaskRecord.of(
+            task, state=TaskState.DISPATCHED, recovered=True, owner=owner, since=offset
+        )
+        store.add(record)
 
 
 def apply_answer(store: TaskStore, answer: Answer) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel
@@ -39,6 +40,10 @@ from .state import TaskRecord
 
 log = logging.getLogger("amqpsched.scheduler")
 
+#: Tasks whose dispatch may await its confirm at once; further submissions wait their turn.
+MAX_DISPATCHING = 1024
+SUBMIT_KINDS = frozenset({Kind.SUBMIT.value, Kind.SUBMIT_BATCH.value})
+
 
 class Requests(Answering):
     async def _on_request(self, msg: IncomingMessage) -> None:
@@ -59,6 +64,8 @@ class Requests(Answering):
 
     async def _handle_request(self, msg: IncomingMessage) -> None:
         kind_name = msg.type or Kind.SUBMIT.value
+        if kind_name in SUBMIT_KINDS:
+            await self._dispatch_room()
         if len(msg.body) > self.settings.max_message_bytes:
             detail = (
                 f"body is {len(msg.body)} bytes; the limit is {self.settings.max_message_bytes}"
@@ -179,6 +186,24 @@ class Requests(Answering):
         the future of what it caused, done once the broker confirmed it (None: nothing to wait
         for). No task of its own per submission: the hot path of a batch."""
         now = time.time()
+        cold = self._cold_id(req.task_id, req.idempotency_key, now)
+        if cold is not None:  # read it back first, then take the submission
+            return asyncio.ensure_future(
+                self._accept_warm(
+                    cold,
+                    lambda: self._accept(
+                        req,
+                        timeout,
+                        reply_to,
+                        corr,
+                        traceparent,
+                        redelivered=redelivered,
+                        replay=replay,
+                        batch_reply=batch_reply,
+                        direct=direct,
+                    ),
+                )
+            )
         replayed = self.store.get(req.task_id) if req.task_id else None
         if replayed is not None and replayed.final and replay:
             self.store.forget(replayed.task_id)  # a replay from the dead-letter queue runs anew
@@ -229,7 +254,26 @@ class Requests(Answering):
             )
             return self._dispatch_new(task, span.traceparent)
 
+    async def _dispatch_room(self) -> None:
+        """Wait until fewer than :data:`MAX_DISPATCHING` dispatches await their confirm.
+        Submissions can come faster than they are dispatched (a capability with no worker
+        takes one message per task), and each waits in memory until its dispatch is
+        confirmed. Called before a submission is decoded; from there to its dispatch nothing
+        awaits, so no two submissions take the same room."""
+        while self._dispatching >= MAX_DISPATCHING:
+            self._dispatch_freed.clear()
+            await self._dispatch_freed.wait()
+
+    async def _accept_warm(
+        self, task_id: str, accept: Callable[[], asyncio.Future[Any] | None]
+    ) -> None:
+        await self._find(task_id)
+        done = accept()
+        if done is not None:
+            await done
+
     def _dispatch_again(self, record: TaskRecord, task: TaskMessage) -> asyncio.Future[None]:
+        record.since = self._since()
         done = record.dispatching = self.outbox.dispatch_nowait(task, record.traceparent)
 
         def dispatched(fut: asyncio.Future[None]) -> None:
@@ -243,18 +287,25 @@ class Requests(Answering):
         return done
 
     def _dispatch_new(self, task: TaskMessage, traceparent: str | None) -> asyncio.Future[None]:
-        record = TaskRecord.of(task, traceparent=traceparent, owner=self.scheduler_id)
+        record = TaskRecord.of(
+            task, traceparent=traceparent, owner=self.scheduler_id, since=self._since()
+        )
         self.store.add(record)
         done = record.dispatching = self.outbox.dispatch_nowait(task, traceparent)
+        self._dispatching += 1
 
         def dispatched(fut: asyncio.Future[None]) -> None:
             record.dispatching = None
+            self._dispatching -= 1
+            if self._dispatching < MAX_DISPATCHING:
+                self._dispatch_freed.set()
             if fut.cancelled() or fut.exception() is not None:
                 if self.store.get(task.task_id) is record and not record.final:
                     self.store.forget(task.task_id)  # the redelivery starts afresh
                 return
             if record.state == TaskState.QUEUED:
                 record.state = TaskState.DISPATCHED
+            self.store.cool_one(record)
             counters = self.metrics.of(task.capability)
             counters.submitted.inc()
             counters.dispatched.inc()
@@ -263,7 +314,7 @@ class Requests(Answering):
         return done
 
     async def _query(self, kind: Kind, query: TaskQuery, reply_to: str, corr: str) -> None:
-        record = self.store.get(query.task_id)
+        record = await self._find(query.task_id)
         if kind == Kind.RESULT and record is not None:
             if record.answer is not None:
                 await self.outbox.answer([(reply_to, corr)], record.answer, record.traceparent)
@@ -285,7 +336,7 @@ class Requests(Answering):
         await self.outbox.send(reply_to, corr, Kind.STATUS_REPLY, encode(reply))
 
     async def _cancel(self, task_id: str, reply_to: str, corr: str) -> None:
-        record = self.store.get(task_id)
+        record = await self._find(task_id)
         if record is not None and not record.final:
             now = time.time()
             self._cancels[task_id] = record.deadline

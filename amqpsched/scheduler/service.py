@@ -56,8 +56,20 @@ class Scheduler(Requests, Events, Timers):
         self.topology = Topology(settings.namespace, delivery_limit=settings.delivery_limit)
         self.registry = WorkerRegistry(settings.heartbeat_interval, settings.heartbeat_miss_limit)
         self.store = MemoryTaskStore(
-            settings.result_retention, settings.max_tracked_tasks, settings.idempotency_window
+            settings.result_retention,
+            settings.max_tracked_tasks,
+            settings.idempotency_window,
+            hot_limit=settings.max_waiting_records,
+            # A cold task is read back from its dispatch: it must outlive the task's wait.
+            cold_span=settings.journal_retention * 0.9,
         )
+        self._paging = {}
+        self._wanted = []
+        self._next_page = None
+        self._pager = None
+        self._dispatching = 0
+        self._dispatch_freed = asyncio.Event()
+        self.metrics.cold.set_function(lambda: len(self.store.cold))
         self._conn: AbstractRobustConnection | None = None
         self._outbox: Outbox | None = None
         self._journal: Journal | None = None
@@ -211,7 +223,8 @@ class Scheduler(Requests, Events, Timers):
             for answer in journaled_answers(kind, body):
                 self._apply_answer(answer)  # and to who asked here
         elif kind != "record":
-            apply_entry(self.store, self._cancels, kind, body, origin)
+            offset = self._reader.offset if self._reader is not None else -1
+            apply_entry(self.store, self._cancels, kind, body, origin, offset)
         else:
             record = json.loads(body)
             k = record.get("k")
@@ -220,9 +233,11 @@ class Scheduler(Requests, Events, Timers):
             elif k == "gone":
                 self.peers.gone(record["s"])
             elif k == "started":
-                self._on_started(decode_event(StartedEvent, record["event"].encode()), False)
+                started = decode_event(StartedEvent, record["event"].encode())
+                self._warm_then(started.task_id, lambda: self._on_started(started, False))
             elif k == "retrying":
-                self._on_retrying(decode_event(RetryingEvent, record["event"].encode()), False)
+                retrying = decode_event(RetryingEvent, record["event"].encode())
+                self._warm_then(retrying.task_id, lambda: self._on_retrying(retrying, False))
             else:
                 apply_entry(self.store, self._cancels, kind, body)
 

@@ -6,9 +6,11 @@ import asyncio
 import heapq
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any, Protocol
 
 from ..protocol import Answer, ErrorType, Status, TaskMessage, TaskState
+from .cold import BATCH_REPLY, RECOVERED, ColdTasks
 
 
 @dataclass
@@ -44,6 +46,11 @@ class TaskRecord:
     owner: str | None = None
     #: Its answer, sent but not confirmed yet: final only once it is (it may yet be reopened).
     answering: asyncio.Future[Any] | None = None
+    #: A journal offset at or before its dispatch entry (-1: not known): where to read it back
+    #: from if it is kept cold (``cold.py``) while it waits.
+    since: int = -1
+    #: Its place among the waiting records (in the order they came).
+    seq: int = 0
 
     @classmethod
     def of(cls, task: TaskMessage, **fields: Any) -> TaskRecord:
@@ -101,14 +108,45 @@ def timeout_error(has_live_worker: bool) -> ErrorType:
     return ErrorType.EXPIRED if has_live_worker else ErrorType.NO_WORKER
 
 
+def coolable(record: TaskRecord, span: float) -> bool:
+    """Whether ``record`` may be kept cold: a first dispatch, confirmed, waiting for a worker,
+    nobody else waiting on it, its dispatch in the journal for longer than it can wait."""
+    return (
+        record.state in (TaskState.QUEUED, TaskState.DISPATCHED)
+        and record.answer is None
+        and record.attempts == 0
+        and record.attempt == 1
+        and record.since >= 0
+        and not record.watchers
+        and record.dispatching is None
+        and record.answering is None
+        and record.deadline - record.submitted_at < span
+    )
+
+
 class MemoryTaskStore:
     """Records in insertion order; finished ones kept ``retention`` seconds; at most ``max_size``
-    records (finished ones are dropped first, then the oldest)."""
+    records (finished ones are dropped first, then the oldest). Past ``hot_limit`` waiting
+    tasks, the newest are kept cold (:class:`~amqpsched.scheduler.cold.ColdTasks`) if their
+    dispatch stays in the journal for ``cold_span`` seconds."""
 
-    def __init__(self, retention: float, max_size: int, idempotency_window: float = 3600.0) -> None:
+    def __init__(
+        self,
+        retention: float,
+        max_size: int,
+        idempotency_window: float = 3600.0,
+        hot_limit: int = 5000,
+        cold_span: float = 0.0,
+    ) -> None:
         self.retention = retention
         self.max_size = max_size
         self.idempotency_window = idempotency_window
+        self.hot_limit = hot_limit
+        self.cold_span = cold_span
+        self.cold = ColdTasks()
+        #: Unstarted records, oldest first: the candidates to be kept cold (newest first).
+        self._waiting: dict[str, None] = {}
+        self._seq = 0
         self._records: OrderedDict[str, TaskRecord] = OrderedDict()
         self._finished: OrderedDict[str, float] = OrderedDict()
         self._deadlines: list[tuple[float, str]] = []
@@ -124,9 +162,15 @@ class MemoryTaskStore:
     def add(self, record: TaskRecord) -> None:
         if record.task_id in self._records:
             self._forget(record.task_id)
+        elif len(self.cold):
+            self.cold.pop(record.task_id)  # known whole again
         self._records[record.task_id] = record
         if not record.final:
             self._open[record.capability] = self._open.get(record.capability, 0) + 1
+            if not record.started:
+                self._waiting[record.task_id] = None
+                record.seq = self._seq
+                self._seq += 1
         heapq.heappush(self._deadlines, (record.deadline, record.task_id))
         if record.idempotency_key is not None:
             self._keys[record.idempotency_key] = (record.task_id, record.submitted_at)
@@ -143,6 +187,7 @@ class MemoryTaskStore:
         record.finished_at = now
         record.watchers.clear()
         record.task = None  # its payload is not needed any more
+        self._waiting.pop(record.task_id, None)
         if record.task_id not in self._records:
             self.add(record)
         self._finished[record.task_id] = now
@@ -170,7 +215,57 @@ class MemoryTaskStore:
 
     def open_counts(self) -> dict[str, int]:
         """Unanswered tasks per capability."""
-        return dict(self._open)
+        counts = dict(self._open)
+        for capability, n in self.cold.counts().items():
+            counts[capability] = counts.get(capability, 0) + n
+        return counts
+
+    def cool(self) -> int:
+        """Keep the newest waiting records cold, past ``hot_limit``: workers take the oldest
+        first, so those stay whole. Returns how many."""
+        excess = len(self._waiting) - self.hot_limit
+        if excess <= 0:
+            return 0
+        # Only among the newest ``excess``: one not coolable yet (its dispatch unconfirmed)
+        # is cooled once it is, not replaced by an older one.
+        newest = [self._records.get(task_id) for task_id in islice(reversed(self._waiting), excess)]
+        return sum(
+            self._cool(record)
+            for record in newest
+            if record is not None and coolable(record, self.cold_span)
+        )
+
+    def cool_one(self, record: TaskRecord) -> bool:
+        """Keep ``record`` cold if the store is past its limit (its dispatch was just
+        confirmed: the newest waiting record)."""
+        if len(self._waiting) <= self.hot_limit or not coolable(record, self.cold_span):
+            return False
+        oldest = self._records.get(next(iter(self._waiting)))
+        if oldest is not None and record.seq < oldest.seq + self.hot_limit:
+            return False  # among the oldest, which workers take first: confirmed late
+        return self._cool(record)
+
+    def _cool(self, record: TaskRecord) -> bool:
+        if self._records.get(record.task_id) is not record:
+            return False
+        flags = (RECOVERED if record.recovered else 0) | (BATCH_REPLY if record.batch_reply else 0)
+        try:
+            self.cold.add(record.task_id, record.capability, record.deadline, record.since, flags)
+        except OverflowError:
+            return False
+        self._forget(record.task_id)
+        if len(self._deadlines) > 2 * len(self._records) + 4096:  # drop those of cold ones
+            self._deadlines = [d for d in self._deadlines if d[1] in self._records]
+            heapq.heapify(self._deadlines)
+        return True
+
+    def unwait(self, task_id: str) -> None:
+        """``task_id`` started: it is not waiting any more."""
+        self._waiting.pop(task_id, None)
+
+    def waiting(self) -> int:
+        """Records that may be waiting (an upper bound: started ones leave lazily)."""
+        return len(self._waiting)
 
     def _close(self, capability: str) -> None:
         left = self._open.get(capability, 0) - 1
@@ -191,13 +286,20 @@ class MemoryTaskStore:
         ]
 
     def by_key(self, key: str, now: float) -> TaskRecord | None:
+        task_id = self.key_task(key, now)
+        return None if task_id is None else self._records.get(task_id)
+
+    def key_task(self, key: str, now: float) -> str | None:
+        """The id of the task an idempotency key maps to (it may be kept cold)."""
         found = self._keys.get(key)
         if found is None or found[1] + self.idempotency_window < now:
             return None
-        return self._records.get(found[0])
+        return found[0]
 
     def forget(self, task_id: str) -> None:
         self._forget(task_id)
+        if len(self.cold):
+            self.cold.pop(task_id)
 
     def purge(self, now: float) -> int:
         while self._keys:
@@ -219,3 +321,4 @@ class MemoryTaskStore:
         if record is not None and not record.final:
             self._close(record.capability)
         self._finished.pop(task_id, None)
+        self._waiting.pop(task_id, None)

@@ -71,6 +71,8 @@ class Timers(Answering):
                 orphans.append((record, worker_id))
         if orphans:
             await asyncio.gather(*(self._redispatch(r, w, now) for r, w in orphans))
+        # Read back the cold tasks that are due, or that workers are about to take.
+        await self._tend_cold(now)
         # After a start, give workers one liveness window to be heard before telling
         # "no worker" from "expired".
         due = self.store.due(now) if now > self._started_at + self.registry.liveness_window else []
