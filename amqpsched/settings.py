@@ -156,8 +156,16 @@ class Settings(BaseSettings):
         "past it, the oldest are kept in about 34 bytes each and read back from the journal when "
         "needed (a query, a worker's event, their deadline).",
     )
+    submit_prefetch: int = Field(
+        default=64,
+        gt=0,
+        description="Messages the scheduler takes from tasks.submit at once (a submit_batch "
+        "holds up to 256 tasks; taken messages wait in its memory).",
+    )
     scheduler_prefetch: int = Field(
-        default=512, gt=0, description="Messages the scheduler takes from each queue at once."
+        default=512,
+        gt=0,
+        description="Messages the scheduler takes from each other queue (results) at once.",
     )
     delivery_limit: int = Field(
         default=10,

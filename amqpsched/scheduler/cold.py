@@ -111,9 +111,9 @@ class ColdTasks:
         if self._base_offset is None or self._base_time is None:
             self._base_offset, self._base_time = since, deadline
         elif not _INT32_MIN <= since - self._base_offset <= _INT32_MAX:
-            self._rebuild(rebase=since)
-        if (self._used + 1) * 2 > len(self._table):
-            self._rebuild()
+            self._compact(rebase=since)
+        if (self._used + 1) * 10 > len(self._table) * 7:
+            self._make_room()
         slot = len(self._hash)
         cap = self._cap_index.get(capability)
         if cap is None:
@@ -212,7 +212,7 @@ class ColdTasks:
             if self._hash:
                 self._reset()
         elif self._first * 2 > len(self._hash) and self._first > _MIN_TABLE:
-            self._rebuild()
+            self._compact()
 
     def _reset(self) -> None:
         for name in ("_hash", "_since", "_deadline", "_cap", "_flags"):
@@ -223,38 +223,52 @@ class ColdTasks:
         self._buckets.clear()
         self._bucket_keys.clear()
 
-    def _rebuild(self, rebase: int | None = None) -> None:
-        """Drop freed slots, and size the table for twice the live tasks and more. ``rebase``:
+    def _make_room(self) -> None:
+        """The table is full (70 %): drop freed slots if there are many, else grow it."""
+        if len(self._hash) - self._first > self._live + self._live // 4:
+            self._compact()
+        else:
+            self._rehash()
+
+    def _compact(self, rebase: int | None = None) -> None:
+        """Drop freed slots, in place (no second copy of the arrays at any moment). ``rebase``:
         an offset to be added, which offsets must be kept relative to a new base for."""
-        keep = [s for s in range(self._first, len(self._hash)) if self._hash[s] != 0]
+        hashes, sinces, deadlines, caps, flags = (
+            self._hash,
+            self._since,
+            self._deadline,
+            self._cap,
+            self._flags,
+        )
         old_base = self._base_offset or 0
         if rebase is not None:
-            offsets = [self._since[s] + old_base for s in keep] + [rebase]
-            self._base_offset = min(offsets)
-            if max(offsets) - self._base_offset > _INT32_MAX:
+            low = high = rebase
+            for slot in range(self._first, len(hashes)):
+                if hashes[slot]:
+                    offset = sinces[slot] + old_base
+                    low, high = min(low, offset), max(high, offset)
+            if high - low > _INT32_MAX:
                 raise OverflowError("journal offsets of waiting tasks are too far apart")
+            self._base_offset = low
         shift = old_base - (self._base_offset or 0)
-        self._hash = array("Q", (self._hash[s] for s in keep))
-        self._since = array("i", (self._since[s] + shift for s in keep))
-        self._deadline = array("f", (self._deadline[s] for s in keep))
-        self._cap = array("H", (self._cap[s] for s in keep))
-        self._flags = array("B", (self._flags[s] for s in keep))
-        size = _MIN_TABLE
-        while size < 3 * (len(keep) + 1):
-            size *= 2
-        self._table = array("i", [_EMPTY]) * size
-        mask = size - 1
-        for slot, h in enumerate(self._hash):
-            cell = h & mask
-            while self._table[cell] != _EMPTY:
-                cell = (cell + 1) & mask
-            self._table[cell] = slot
-        self._used = len(keep)
+        kept = 0
+        for slot in range(self._first, len(hashes)):
+            h = hashes[slot]
+            if h:
+                hashes[kept] = h
+                sinces[kept] = sinces[slot] + shift
+                deadlines[kept] = deadlines[slot]
+                caps[kept] = caps[slot]
+                flags[kept] = flags[slot]
+                kept += 1
+        for column in (hashes, sinces, deadlines, caps, flags):
+            del column[kept:]
         self._first = 0
+        self._rehash()
         self._buckets.clear()
         self._bucket_keys.clear()
         base = self._base_time or 0.0
-        for slot, rel in enumerate(self._deadline):
+        for slot, rel in enumerate(deadlines):
             key = int(rel + base)
             bucket = self._buckets.get(key)
             if bucket is None:
@@ -262,3 +276,19 @@ class ColdTasks:
                 self._bucket_keys.append(key)
             bucket.append(slot)
         heapq.heapify(self._bucket_keys)
+
+    def _rehash(self) -> None:
+        """A new table for the live slots, at most 45 % full."""
+        size = _MIN_TABLE
+        while size * 45 < (self._live + 1) * 100:
+            size *= 2
+        self._table = table = array("i", [_EMPTY]) * size
+        mask = size - 1
+        for slot in range(self._first, len(self._hash)):
+            h = self._hash[slot]
+            if h:
+                cell = h & mask
+                while table[cell] != _EMPTY:
+                    cell = (cell + 1) & mask
+                table[cell] = slot
+        self._used = self._live

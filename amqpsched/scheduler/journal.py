@@ -274,27 +274,23 @@ async def read_dispatches(
     since: int,
     take: Take,
     *,
-    quiet: float = 1.0,
     timeout: float = 60.0,
 ) -> None:
     """Read the dispatch entries of the journal from offset ``since`` on, calling ``take`` on
-    each, until it returns True or nothing more comes for ``quiet`` seconds (the end)."""
+    each, until it returns True or the end is reached: a marker appended first, so every entry
+    written before the call is read."""
     done = asyncio.Event()
-    arrived = asyncio.Event()
+    marker = uuid.uuid4().hex.encode()
     closing = False
 
     async def on_message(msg: aio_pika.abc.AbstractIncomingMessage) -> None:
         if closing:
             return  # no frame on a channel being closed: the broker would close the connection
-        arrived.set()
         headers = msg.headers or {}
         offset = headers.get("x-stream-offset")
-        if (
-            not done.is_set()
-            and isinstance(offset, int)
-            and offset >= since
-            and msg.type in (Kind.TASK, Kind.TASK_BATCH)
-        ):
+        if done.is_set() or not isinstance(offset, int) or offset < since:
+            pass
+        elif msg.type in (Kind.TASK, Kind.TASK_BATCH):
             origin = headers.get(transport.H_SCHEDULER)
             origin = origin if isinstance(origin, str) else None
             try:
@@ -302,27 +298,28 @@ async def read_dispatches(
                     done.set()
             except Exception:
                 log.exception("journal %s at %d skipped", msg.type, offset)
+        elif marker in msg.body:
+            done.set()
         await msg.ack()
 
     try:
-        channel = await conn.channel(publisher_confirms=False)
+        channel = await conn.channel(publisher_confirms=True)
     except transport.BROKER_ERRORS as exc:
         raise BrokerError(f"cannot read the journal: {exc}") from exc
     try:
         await channel.set_qos(prefetch_count=1000)
+        await transport.publish(
+            channel.default_exchange,
+            aio_pika.Message(b'{"k":"marker","id":"' + marker + b'"}'),
+            topology.journal_queue,
+            mandatory=True,
+        )
         queue = await channel.get_queue(topology.journal_queue, ensure=False)
         tag = await queue.consume(on_message, arguments={"x-stream-offset": since})
-        deadline = time.monotonic() + timeout
-        wait = max(quiet, 5.0)  # the first entry may take a while: the stream seeks it
-        while not done.is_set():
-            arrived.clear()
-            try:
-                await asyncio.wait_for(arrived.wait(), wait)
-            except TimeoutError:
-                break  # the end: nothing more came
-            wait = quiet
-            if time.monotonic() > deadline:
-                raise BrokerError(f"reading the journal from {since} took over {timeout}s")
+        try:
+            await asyncio.wait_for(done.wait(), timeout)
+        except TimeoutError:
+            raise BrokerError(f"reading the journal from {since} took over {timeout}s") from None
         closing = True
         await queue.cancel(tag)
     except transport.BROKER_ERRORS as exc:

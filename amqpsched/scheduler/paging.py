@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import tracing
-from ..errors import AmqpschedError
+from ..errors import AmqpschedError, BrokerError
 from ..protocol import TaskState
 from .base import SchedulerBase
 from .cold import BATCH_REPLY, RECOVERED, ColdEntry, id_hash
@@ -49,6 +49,8 @@ class Paging(SchedulerBase):
                 return None
             pending = self._want(entry)
         await asyncio.wait([pending])
+        if task_id in self.store.cold:  # kept cold again: the journal could not be read
+            raise BrokerError(f"task {task_id} could not be read back from the journal")
         return self.store.get(task_id)
 
     def _want(self, entry: ColdEntry) -> asyncio.Future[None]:
@@ -88,7 +90,11 @@ class Paging(SchedulerBase):
             return
 
         async def warm_then() -> None:
-            await self._warm(task_id)
+            try:
+                await self._warm(task_id)
+            except AmqpschedError as exc:  # it stays cold: the event says little a read won't
+                log.warning("event of %s not applied: %s", task_id, exc)
+                return
             apply()
 
         task = asyncio.ensure_future(warm_then())

@@ -41,7 +41,7 @@ from .state import TaskRecord
 log = logging.getLogger("amqpsched.scheduler")
 
 #: Tasks whose dispatch may await its confirm at once; further submissions wait their turn.
-MAX_DISPATCHING = 1024
+MAX_DISPATCHING = 512
 SUBMIT_KINDS = frozenset({Kind.SUBMIT.value, Kind.SUBMIT_BATCH.value})
 
 

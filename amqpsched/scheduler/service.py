@@ -148,7 +148,10 @@ class Scheduler(Requests, Events, Timers):
             await registry_queue.consume(self._on_announcement, no_ack=True)
             results = await channel.get_queue(topo.results_queue)
             await results.consume(self._on_event)
-            submit = await channel.get_queue(topo.submit_queue)
+            # Submissions on a channel of their own, with a prefetch of their own: a
+            # `submit_batch` holds up to 256 tasks, and what is prefetched waits in memory.
+            requests = await transport.confirm_channel(conn, self.settings.submit_prefetch)
+            submit = await requests.get_queue(topo.submit_queue)
             await submit.consume(self._on_request)
         except transport.BROKER_ERRORS as exc:
             await self._conn.close()
