@@ -150,7 +150,7 @@ class Settings(BaseSettings):
         description="Most task records the scheduler keeps; the oldest finished ones go first.",
     )
     max_waiting_records: int = Field(
-        default=1000,
+        default=500,
         ge=0,
         description="Waiting tasks (dispatched, not started) the scheduler keeps whole in memory; "
         "past it, the oldest are kept in about 34 bytes each and read back from the journal when "

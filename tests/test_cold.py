@@ -6,6 +6,7 @@ workers that come later all work on cold tasks as on the others."""
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 import uuid
 from collections.abc import Callable
@@ -201,3 +202,30 @@ def test_a_task_longer_than_the_journal_keeps_it_stays_whole() -> None:
     store = MemoryTaskStore(3600, 10_000, hot_limit=0, cold_span=30)
     store.add(_record("long", state=TaskState.DISPATCHED))  # waits 60 s, journal keeps 30
     assert store.cool() == 0 and store.get("long") is not None
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_cold_tasks_behave_like_a_dict_of_deadlines(seed: int) -> None:
+    """Random adds, pops and due sweeps, against a plain dict: same tasks due, none lost."""
+    rng = random.Random(seed)
+    cold, model = ColdTasks(), {}
+    now = 1e9
+    for step in range(3000):
+        op = rng.random()
+        if op < 0.6:
+            task_id = f"t{rng.randrange(2000)}"
+            deadline = now + rng.choice([5.0, 5.0, 5.0, 1.0, 30.0, rng.random() * 20])
+            cold.add(task_id, "c", deadline, step, 1)
+            model[task_id] = deadline
+        elif op < 0.8 and model:
+            task_id = rng.choice(sorted(model))
+            assert cold.pop(task_id) is not None
+            del model[task_id]
+        else:
+            now += rng.random() * 2
+            due = {e.hash for e in cold.due(now, limit=10**6)}
+            expected = {t for t, d in model.items() if d <= now}
+            assert due == {id_hash(t) for t in expected}
+            for task_id in expected:
+                del model[task_id]
+        assert len(cold) == len(model)

@@ -27,6 +27,8 @@ _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 RECOVERED = 1
 #: A flag: its submitter takes ``answer_batch`` replies.
 BATCH_REPLY = 2
+#: Kept here only: its deadline is no earlier than any kept before it (not in a bucket).
+_IN_ORDER = 0x80
 
 
 def id_hash(task_id: str) -> int:
@@ -64,6 +66,11 @@ class ColdTasks:
         self._used = 0  # table cells not empty (live or deleted)
         self._live = 0
         self._first = 0  # no live slot before this one
+        #: Tasks kept with a deadline no earlier than any before them need no bucket: they are
+        #: due in slot order, from ``_cursor`` on (most tasks: timeouts are mostly alike).
+        self._last_deadline = float("-inf")
+        self._cursor = 0
+        #: The other tasks by the second of their deadline.
         self._buckets: dict[int, array[int]] = {}
         self._bucket_keys: list[int] = []
         self._caps: list[str] = []
@@ -123,14 +130,20 @@ class ColdTasks:
         self._since.append(since - self._base_offset)
         self._deadline.append(deadline - self._base_time)
         self._cap.append(cap)
-        self._flags.append(flags)
+        in_order = deadline >= self._last_deadline
+        if in_order:
+            self._last_deadline = deadline
+        self._flags.append(flags | _IN_ORDER if in_order else flags & ~_IN_ORDER)
         cell = self._find(h)[0]
         if self._table[cell] == _EMPTY:
             self._used += 1
         self._table[cell] = slot
         self._live += 1
         self._counts[capability] = self._counts.get(capability, 0) + 1
-        key = int(deadline)
+        if not in_order:
+            self._bucket(int(deadline), slot)
+
+    def _bucket(self, key: int, slot: int) -> None:
         bucket = self._buckets.get(key)
         if bucket is None:
             bucket = self._buckets[key] = array("I")
@@ -147,6 +160,17 @@ class ColdTasks:
         """Take out up to ``limit`` tasks whose deadline is ``now`` or earlier."""
         out: list[ColdEntry] = []
         rel = now - (self._base_time or 0.0)
+        hashes, flags, deadlines = self._hash, self._flags, self._deadline
+        self._cursor = max(self._cursor, self._first)
+        while self._cursor < len(hashes) and len(out) < limit:
+            slot = self._cursor
+            if hashes[slot] and flags[slot] & _IN_ORDER:
+                if deadlines[slot] > rel:
+                    break  # and so are all in order after it
+                entry = self._remove(hashes[slot])
+                if entry is not None:
+                    out.append(entry)
+            self._cursor += 1
         while self._bucket_keys and self._bucket_keys[0] <= now and len(out) < limit:
             key = self._bucket_keys[0]
             bucket = self._buckets[key]
@@ -193,7 +217,7 @@ class ColdTasks:
         capability = self._caps[self._cap[slot]]
         since = self._since[slot] + (self._base_offset or 0)
         deadline = self._deadline[slot] + (self._base_time or 0.0)
-        entry = ColdEntry(h, since, deadline, capability, self._flags[slot])
+        entry = ColdEntry(h, since, deadline, capability, self._flags[slot] & ~_IN_ORDER)
         self._table[cell] = _DELETED
         self._hash[slot] = 0
         self._live -= 1
@@ -218,7 +242,8 @@ class ColdTasks:
         for name in ("_hash", "_since", "_deadline", "_cap", "_flags"):
             setattr(self, name, array(getattr(self, name).typecode))
         self._table = array("i", [_EMPTY]) * _MIN_TABLE
-        self._used = self._first = 0
+        self._used = self._first = self._cursor = 0
+        self._last_deadline = float("-inf")
         self._base_offset = self._base_time = None
         self._buckets.clear()
         self._bucket_keys.clear()
@@ -263,19 +288,14 @@ class ColdTasks:
                 kept += 1
         for column in (hashes, sinces, deadlines, caps, flags):
             del column[kept:]
-        self._first = 0
+        self._first = self._cursor = 0
         self._rehash()
         self._buckets.clear()
         self._bucket_keys.clear()
         base = self._base_time or 0.0
         for slot, rel in enumerate(deadlines):
-            key = int(rel + base)
-            bucket = self._buckets.get(key)
-            if bucket is None:
-                bucket = self._buckets[key] = array("I")
-                self._bucket_keys.append(key)
-            bucket.append(slot)
-        heapq.heapify(self._bucket_keys)
+            if not flags[slot] & _IN_ORDER:
+                self._bucket(int(rel + base), slot)
 
     def _rehash(self) -> None:
         """A new table for the live slots, at most 45 % full."""
