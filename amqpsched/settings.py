@@ -153,7 +153,7 @@ class Settings(BaseSettings):
         default=500,
         ge=0,
         description="Waiting tasks (dispatched, not started) the scheduler keeps whole in memory; "
-        "past it, the oldest are kept in about 34 bytes each and read back from the journal when "
+        "past it, the newest are kept in about 30 bytes each and read back from the journal when "
         "needed (a query, a worker's event, their deadline).",
     )
     submit_prefetch: int = Field(

@@ -1,4 +1,4 @@
-"""Tasks waiting in RabbitMQ, remembered in about 34 bytes each.
+"""Tasks waiting in RabbitMQ, remembered in about 30 bytes each.
 
 A task that was dispatched and has not started needs nothing from the scheduler until an event
 about it arrives (its deadline, a worker taking it, a query, a cancel), and everything about it

@@ -228,6 +228,7 @@ class Scheduler(Requests, Events, Timers):
         elif kind != "record":
             offset = self._reader.offset if self._reader is not None else -1
             apply_entry(self.store, self._cancels, kind, body, origin, offset)
+            self.store.cool()  # a restart that reads a million waiting tasks keeps them cold
         else:
             record = json.loads(body)
             k = record.get("k")
