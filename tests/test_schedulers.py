@@ -15,6 +15,7 @@ from amqpsched import NoWorkerAvailable, transport
 from amqpsched.protocol import Kind, OutcomeEvent, Status, answer_of, encode
 from amqpsched.scheduler import Scheduler
 from amqpsched.scheduler.peers import Peers, rendezvous
+from amqpsched.scheduler.state import TaskRecord
 
 from .conftest import System
 
@@ -160,9 +161,12 @@ async def test_a_redelivered_outcome_waits_for_the_journal_before_answering(
     scheduler = await system.scheduler()
     answered: list[str] = []
     finish = scheduler._finish_nowait
-    scheduler._finish_nowait = lambda record, *a, **k: (  # type: ignore[method-assign]
-        answered.append(record.task_id) or finish(record, *a, **k)
-    )
+
+    def counted(record: TaskRecord, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+        answered.append(record.task_id)
+        return finish(record, *args, **kwargs)
+
+    scheduler._finish_nowait = counted  # type: ignore[method-assign]
     held = HeldJournal(scheduler)
     first, second = an_outcome(), an_outcome()
     async with transport.connection(system.settings, "test-journal") as conn:
