@@ -49,6 +49,19 @@ def test_one_survivor_takes_each_task_of_a_dead_scheduler() -> None:
     assert gone.runs_timers("a", "t1", now) == (rendezvous("t1", ["b", "c"]) == "b")
 
 
+def test_the_live_schedulers_not_heard_from_since_a_moment() -> None:
+    peers = Peers("me", window=2.0)
+    peers.seen("old", 10.0)
+    peers.seen("recent", 14.0)
+    peers.seen("dead", 5.0)
+    peers.seen("me", 1.0)  # itself: never waited for
+    assert peers.behind(12.0, now=11.0) == ["old"]
+    assert peers.behind(15.0, now=11.0) == ["old", "recent"]
+    assert peers.behind(15.0, now=13.0) == ["recent"], "silent for longer than the window"
+    peers.gone("recent")
+    assert peers.behind(15.0, now=13.0) == []
+
+
 async def test_schedulers_see_each_other_and_share_every_task(system: System) -> None:
     first = await system.scheduler()
     second = await system.scheduler()

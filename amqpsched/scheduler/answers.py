@@ -20,6 +20,7 @@ from .base import (
     ANSWER_GRACE,
     REQUEUE_PAUSE,
     RESEND_ATTEMPTS,
+    SYNC_POLL,
     SYNC_TIMEOUT,
     UNSURE_MARGIN,
     SchedulerBase,
@@ -101,17 +102,26 @@ class Answering(SchedulerBase):
         return found
 
     async def _synced(self) -> None:
-        """Return once this scheduler has read what the journal stored before now: a record
-        of its own, appended now, has come back (or ``SYNC_TIMEOUT`` passed)."""
+        """Return once this scheduler has read what the journal stored before now (a record of
+        its own, appended now, has come back), and what the other live schedulers write again
+        of it (see :mod:`.readback`): each finds a write the journal lost once it reads a later
+        one of its own back, so each has journaled ``alive`` a heartbeat interval after now.
+        At most ``SYNC_TIMEOUT`` plus two heartbeat intervals."""
+        began, interval = time.time(), self.settings.heartbeat_interval
+        deadline = time.monotonic() + SYNC_TIMEOUT + 2 * interval
         self._syncs_sent += 1
         record = {"k": "sync", "s": self.scheduler_id, "n": self._syncs_sent}
         line = json.dumps(record, separators=(",", ":")).encode()  # as the journal writes it
         back = self._syncs[line] = asyncio.get_running_loop().create_future()
         try:
             await self.journal.append(record)
-            await asyncio.wait_for(back, SYNC_TIMEOUT)
+            await asyncio.wait_for(back, deadline - time.monotonic())
+            while self.peers.behind(began + interval, time.time()):
+                if time.monotonic() > deadline:
+                    raise TimeoutError
+                await asyncio.sleep(SYNC_POLL)
         except TimeoutError:
-            log.warning("journal not read back within %.0fs: going on", SYNC_TIMEOUT)
+            log.warning("journal not read up to now in time: going on")
         finally:
             self._syncs.pop(line, None)
 

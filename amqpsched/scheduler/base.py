@@ -72,6 +72,8 @@ ANSWER_GRACE = 3.0
 RESEND_ATTEMPTS = 5
 #: Seconds a scheduler waits for a record it journaled to come back from the journal.
 SYNC_TIMEOUT = 10.0
+#: Seconds between two looks at the other schedulers' latest ``alive`` records.
+SYNC_POLL = 0.05
 
 
 class SchedulerBase:
