@@ -196,6 +196,10 @@ class Client:
         self._conn: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._submit: AbstractExchange | None = None
+        #: The channel requests are published on: ``_channel`` until refusals replace it.
+        self._pub: AbstractChannel | None = None
+        self._refusals = transport.Refusals()
+        self._replacing: set[asyncio.Future[None]] = set()
         self._reply_queue = self.topology.reply_queue(self.client_id)
         self._pending: dict[str, asyncio.Future[_Reply]] = {}
         # Submissions made at the same moment go in one `submit_batch` message.
@@ -229,6 +233,7 @@ class Client:
             self._submit = await self._channel.get_exchange(
                 self.topology.submit_exchange, ensure=False
             )
+            self._pub = self._channel
         except BrokerError:
             await self._conn.close()
             raise
@@ -257,6 +262,8 @@ class Client:
             await transport.close_quietly(probe)
 
     async def close(self) -> None:
+        for replacing in list(self._replacing):
+            replacing.cancel()
         for fut in self._pending.values():
             if not fut.done():
                 fut.cancel()
@@ -360,7 +367,28 @@ class Client:
             message_id=message_id,
             headers=tracing.headers(traceparent, {ACCEPT_HEADER: self._accept}),
         )
-        await transport.publish(self._submit, msg, self.topology.submit_queue, mandatory=True)
+        try:
+            await transport.publish(self._submit, msg, self.topology.submit_queue, mandatory=True)
+        except BrokerError as exc:
+            if transport.refused(exc) and self._refusals.refused(time.monotonic()):
+                replacing = asyncio.ensure_future(self._replace_publishing_channel())
+                self._replacing.add(replacing)
+                replacing.add_done_callback(self._replacing.discard)
+            raise
+
+    async def _replace_publishing_channel(self) -> None:
+        """Publish on a new channel (see :class:`~amqpsched.transport.Refusals`); the first one
+        goes on consuming replies."""
+        assert self._conn is not None
+        try:
+            channel = await transport.confirm_channel(self._conn)
+        except BrokerError as exc:
+            log.warning("could not open a new channel to publish on: %s", exc)
+            return
+        old, self._pub = self._pub, channel
+        self._submit = await channel.get_exchange(self.topology.submit_exchange, ensure=False)
+        log.warning("publishes were refused: publishing on a new channel")
+        await transport.retire(old, keep=self._channel)
 
     async def _send_submissions(self, items: list[_Submission]) -> None:
         """One submission as a ``submit``; several as one ``submit_batch``."""

@@ -70,6 +70,10 @@ ACCEPT_HEADER = "amqpsched-accept"
 DIRECT_FEATURE = "direct"
 #: Header of an ``outcome`` a worker published to its client too: the reply-to it reached.
 DIRECT_HEADER = "amqpsched-direct"
+#: Header of an ``outcome`` (or ``outcome_batch``) whose task message (one of them) was
+#: redelivered to the worker: the task may have run before, and its outcome been answered by
+#: another scheduler; the scheduler reads the journal up to now before answering it.
+REDELIVERED_HEADER = "amqpsched-redelivered"
 #: Most tasks in one batch message.
 MAX_BATCH = 1000
 

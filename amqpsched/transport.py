@@ -236,6 +236,37 @@ def refused(exc: BaseException) -> bool:
     return isinstance(exc.__cause__, aio_pika.exceptions.DeliveryError)
 
 
+class Refusals:
+    """When to publish on a new channel. After a queue's leader moved to another node, RabbitMQ
+    3.10 can go on refusing (nacking) every publish of a channel that was restored, for 20 s or
+    more, while a new channel on the same connection works: after ``limit`` refusals within
+    ``window`` seconds, replace the channel (at most once a ``window``). Pure: no I/O."""
+
+    def __init__(self, limit: int = 3, window: float = 2.0) -> None:
+        self.limit = limit
+        self.window = window
+        self._at: list[float] = []
+        self._replaced_at = float("-inf")
+
+    def refused(self, now: float) -> bool:
+        """A publish was refused at ``now``: whether to replace the channel now."""
+        self._at = [t for t in self._at if t > now - self.window] + [now]
+        if len(self._at) < self.limit or now <= self._replaced_at + self.window:
+            return False
+        self._replaced_at = now
+        self._at.clear()
+        return True
+
+
+async def retire(channel: AbstractChannel | None, keep: AbstractChannel | None = None) -> None:
+    """Close ``channel``, no longer published on (replaced after :class:`Refusals`), once what
+    was published on it is settled; not if it is ``keep`` (it consumes too)."""
+    if channel is None or channel is keep:
+        return
+    await asyncio.sleep(PUBLISH_TIMEOUT)
+    await close_quietly(channel)
+
+
 @dataclass(frozen=True)
 class MessageCopy:
     """The parts of a message a dead-letter copy is made of, for a message that is one part of

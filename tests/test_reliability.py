@@ -12,6 +12,7 @@ import pytest
 from pydantic import SecretStr
 
 from amqpsched import TaskFailed, WorkerApp, transport
+from amqpsched.errors import BrokerError
 from amqpsched.protocol import RetryPolicy, TaskState
 from amqpsched.scheduler import Scheduler
 from amqpsched.transport import H_ATTEMPTS, H_CAPABILITY, H_ERROR, H_REASON
@@ -326,3 +327,65 @@ async def test_a_scheduler_cut_off_from_the_broker_declares_no_worker_dead(
     finally:
         await scheduler.stop()
         await proxy.cut()
+
+
+class Refusing:
+    """Makes the broker refuse (nack) every publish to ``exchange`` with ``routing_key``: a
+    queue bound there that is full and rejects publishes (as RabbitMQ 3.10 may refuse those of a
+    channel after a quorum queue's leader moved). Removed by :meth:`stop`."""
+
+    def __init__(self, system: System, exchange: str, routing_key: str) -> None:
+        self.system, self.exchange, self.routing_key = system, exchange, routing_key
+        self.name = f"{system.namespace}.refusing.{uuid.uuid4().hex[:6]}"
+
+    async def __aenter__(self) -> Refusing:
+        self._conn = await transport.connect(self.system.settings, "test-refusing")
+        channel = await self._conn.channel()
+        arguments = {"x-max-length": 0, "x-overflow": "reject-publish"}
+        queue = await channel.declare_queue(self.name, arguments=arguments)
+        await queue.bind(self.exchange, self.routing_key)
+        self._channel = channel
+        return self
+
+    async def stop(self) -> None:
+        await self._channel.queue_delete(self.name)
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._conn.close()
+
+
+async def test_a_worker_publishes_on_a_new_channel_after_repeated_refusals(
+    system: System,
+) -> None:
+    await system.scheduler()
+    worker = await system.worker("echo", concurrency=4)
+    client = await system.client()
+    topo = system.topology
+    async with Refusing(system, topo.events_exchange, topo.results_queue) as refusing:
+        # Its outcomes are refused: each task goes back to the queue, and runs again.
+        handles = [await client.submit("echo", {"i": i}, timeout=60) for i in range(3)]
+        async with asyncio.timeout(20):
+            while worker._pub is worker._channel:
+                await asyncio.sleep(0.02)
+        await refusing.stop()
+        answers = await asyncio.wait_for(asyncio.gather(*(h.answer() for h in handles)), 20)
+    assert [a.result for a in answers] == [{"i": i} for i in range(3)]
+    assert worker._pub is not None and not worker._pub.is_closed
+
+
+async def test_a_client_publishes_on_a_new_channel_after_repeated_refusals(
+    system: System,
+) -> None:
+    await system.scheduler()
+    await system.worker("echo")
+    client = await system.client()
+    topo = system.topology
+    async with Refusing(system, topo.submit_exchange, topo.submit_queue) as refusing:
+        for _ in range(3):
+            with pytest.raises(BrokerError):
+                await client.submit("echo", {})
+        async with asyncio.timeout(20):
+            while client._pub is client._channel:
+                await asyncio.sleep(0.02)
+        await refusing.stop()
+        assert await client.call("echo", {"after": 1}, timeout=20) == {"after": 1}

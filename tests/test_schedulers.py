@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
-from amqpsched import NoWorkerAvailable
+from amqpsched import NoWorkerAvailable, transport
+from amqpsched.protocol import Kind, OutcomeEvent, Status, answer_of, encode
+from amqpsched.scheduler import Scheduler
 from amqpsched.scheduler.peers import Peers, rendezvous
+from amqpsched.scheduler.state import TaskRecord
 
 from .conftest import System
 
@@ -42,6 +47,19 @@ def test_one_survivor_takes_each_task_of_a_dead_scheduler() -> None:
     gone = views["b"]
     gone.gone("a")
     assert gone.runs_timers("a", "t1", now) == (rendezvous("t1", ["b", "c"]) == "b")
+
+
+def test_the_live_schedulers_not_heard_from_since_a_moment() -> None:
+    peers = Peers("me", window=2.0)
+    peers.seen("old", 10.0)
+    peers.seen("recent", 14.0)
+    peers.seen("dead", 5.0)
+    peers.seen("me", 1.0)  # itself: never waited for
+    assert peers.behind(12.0, now=11.0) == ["old"]
+    assert peers.behind(15.0, now=11.0) == ["old", "recent"]
+    assert peers.behind(15.0, now=13.0) == ["recent"], "silent for longer than the window"
+    peers.gone("recent")
+    assert peers.behind(15.0, now=13.0) == []
 
 
 async def test_schedulers_see_each_other_and_share_every_task(system: System) -> None:
@@ -105,3 +123,99 @@ async def test_a_waiting_task_is_answered_when_its_scheduler_is_gone(
     for handle in handles:
         with pytest.raises(NoWorkerAvailable):
             await asyncio.wait_for(handle.result(), TIMEOUT)
+
+
+def an_outcome(reply_to: str = "nobody") -> OutcomeEvent:
+    now = time.time()
+    return OutcomeEvent(
+        task_id=f"t-{uuid.uuid4().hex[:8]}",
+        capability="echo",
+        attempt=1,
+        worker_id="w",
+        status=Status.SUCCEEDED,
+        result={"ok": 1},
+        reply_to=reply_to,
+        correlation_id="c",
+        submitted_at=now - 1,
+        started_at=now - 0.5,
+        finished_at=now,
+    )
+
+
+class HeldJournal:
+    """Holds back what a scheduler's journal reader applies, until released (as a reader that
+    lags behind the journal)."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        assert scheduler._reader is not None
+        self.reader = scheduler._reader
+        self.apply = self.reader.apply
+        self.held: list[tuple[Any, ...]] = []
+        self.reader.apply = self._hold
+
+    def _hold(self, *entry: Any) -> None:
+        self.held.append(entry)
+
+    def holds(self, text: bytes) -> bool:
+        return any(isinstance(part, bytes) and text in part for e in self.held for part in e)
+
+    def release(self) -> None:
+        self.reader.apply = self.apply
+        for entry in self.held:
+            self.apply(*entry)
+
+
+async def test_a_redelivered_outcome_waits_for_the_journal_before_answering(
+    system: System,
+) -> None:
+    """An outcome redelivered (its first scheduler lost its connection, maybe after answering)
+    is answered only if the journal, read up to now, holds no answer: here another
+    scheduler's answer is journaled, and read only later; nothing is answered twice."""
+    scheduler = await system.scheduler()
+    answered: list[str] = []
+    finish = scheduler._finish_nowait
+
+    def counted(record: TaskRecord, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+        answered.append(record.task_id)
+        return finish(record, *args, **kwargs)
+
+    scheduler._finish_nowait = counted  # type: ignore[method-assign]
+    held = HeldJournal(scheduler)
+    first, second = an_outcome(), an_outcome()
+    async with transport.connection(system.settings, "test-journal") as conn:
+        channel = await transport.confirm_channel(conn)
+        for ev in (first, second):  # answered by another scheduler
+            msg = transport.message(
+                encode(answer_of(ev)), Kind.ANSWER, headers={transport.H_SCHEDULER: "other"}
+            )
+            await transport.publish(channel.default_exchange, msg, system.topology.journal_queue)
+    await wait_until(lambda: held.holds(first.task_id.encode()))
+    redelivered = scheduler._outcome(first, None, redelivered=True)
+    assert redelivered is not None and not answered
+    # It waits for a record of its own to come back from the journal, behind that answer.
+    await wait_until(lambda: held.holds(b'"k":"sync"'))
+    assert not redelivered.done()
+    # Delivered for the first time, an outcome is answered at once: the case of the other.
+    assert scheduler._outcome(second, None) is not None
+    assert answered == [second.task_id]
+    held.release()
+    await asyncio.wait_for(redelivered, TIMEOUT)
+    record = scheduler.store.get(first.task_id)
+    assert record is not None and record.final
+    assert answered == [second.task_id], "the redelivered outcome is not answered again"
+
+
+async def test_a_journal_write_confirmed_but_not_stored_is_written_again(
+    system: System,
+) -> None:
+    """The node of the journal's leader stopping can confirm a write that the journal never
+    stores. Its writer notices that a later write of its own came back and that one did not,
+    and writes it again: the other schedulers learn the answer."""
+    first = await system.scheduler()
+    second = await system.scheduler()
+    ev = an_outcome()
+    body = encode(answer_of(ev))
+    now = time.monotonic()
+    first._unread.sent(body, Kind.ANSWER, now)  # as if published,
+    first._unread.confirmed(body, Kind.ANSWER, now)  # and confirmed, but never stored
+    await wait_until(lambda: (r := second.store.get(ev.task_id)) is not None and r.final)

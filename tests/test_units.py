@@ -25,12 +25,13 @@ from amqpsched.protocol import (
     decode,
 )
 from amqpsched.retry import DELAY_STEPS_MS, backoff_delay, delay_step, retry_delay
+from amqpsched.scheduler.readback import Unread
 from amqpsched.scheduler.recovery import apply_answer, apply_dispatch, apply_entry
 from amqpsched.scheduler.registry import WorkerRegistry
 from amqpsched.scheduler.state import MemoryTaskStore, TaskRecord, is_fenced, timeout_error
 from amqpsched.schemas import check_or_write, rendered
 from amqpsched.settings import Settings, env_example, mask_url, mask_urls, split_urls
-from amqpsched.transport import FailoverConnection
+from amqpsched.transport import FailoverConnection, Refusals
 from amqpsched.worker.app import InvalidPayload, InvalidResult, WorkerApp, to_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -492,3 +493,60 @@ async def test_failover_connection_moves_to_the_next_address_once_connected() ->
         await conn.close()
     await conn._on_connection_close(lost)  # closed: no more moves
     assert conn.url.host == "rabbit-1"
+
+
+# -- journal writes read back --------------------------------------------------------------------
+
+
+def test_a_confirmed_write_is_lost_once_a_later_one_is_read_back() -> None:
+    unread = Unread()
+    unread.sent(b"a", Kind.ANSWER, 1.0)
+    unread.confirmed(b"a", Kind.ANSWER, 1.5)
+    unread.sent(b"b", Kind.TASK, 1.2)  # sent before a's confirm: may precede it in the stream
+    unread.confirmed(b"b", Kind.TASK, 1.6)
+    unread.read(b"b")
+    assert unread.lost(2.0) == []
+    unread.sent(b"c", Kind.TASK, 2.0)  # sent after a's confirm: a, if stored, comes before it
+    unread.read(b"c")
+    assert unread.lost(2.1) == [(b"a", Kind.ANSWER)]
+    assert unread.lost(2.2) == [] and len(unread) == 0
+
+
+def test_writes_read_back_unconfirmed_or_failed_are_not_lost() -> None:
+    unread = Unread()
+    unread.sent(b"a", Kind.ANSWER, 1.0)
+    unread.read(b"a")  # read back before its confirm was handled
+    unread.confirmed(b"a", Kind.ANSWER, 1.1)
+    unread.sent(b"b", Kind.ANSWER, 1.0)  # not confirmed yet: not known to be lost
+    unread.sent(b"c", Kind.TASK, 1.0)
+    unread.failed(b"c", Kind.TASK)  # its sender deals with it
+    unread.sent(b"d", Kind.TASK, 2.0)
+    unread.read(b"d")
+    assert unread.lost(2.0) == []
+    assert len(unread) == 1
+
+
+def test_journal_records_are_read_back_one_line_at_a_time() -> None:
+    unread = Unread()
+    unread.sent(b'{"k":"alive"}\n{"k":"started"}', Kind.JOURNAL, 1.0)
+    unread.confirmed(b'{"k":"alive"}\n{"k":"started"}', Kind.JOURNAL, 1.1)
+    unread.read(b'{"k":"alive"}')
+    unread.sent(b"later", Kind.TASK, 2.0)
+    unread.read(b"later")
+    assert unread.lost(2.0) == [(b'{"k":"started"}', Kind.JOURNAL)]
+
+
+def test_writes_never_read_back_are_forgotten_after_a_while() -> None:
+    unread = Unread()
+    unread.sent(b"a", Kind.ANSWER, 1.0)
+    assert unread.lost(500.0) == [] and len(unread) == 1
+    assert unread.lost(1000.0) == [] and len(unread) == 0
+
+
+def test_a_channel_is_replaced_after_repeated_refusals_at_most_once_a_window() -> None:
+    refusals = Refusals(limit=3, window=2.0)
+    assert not refusals.refused(0.0) and not refusals.refused(1.0)
+    assert not refusals.refused(2.5), "the first one is out of the window"
+    assert refusals.refused(2.9)
+    assert not any(refusals.refused(t) for t in (3.0, 3.1, 3.2, 4.8)), "just replaced"
+    assert refusals.refused(5.0)

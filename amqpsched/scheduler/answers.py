@@ -4,6 +4,7 @@ refused, looked for in the journal when it may or may not have gone out."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from typing import Any
@@ -19,6 +20,8 @@ from .base import (
     ANSWER_GRACE,
     REQUEUE_PAUSE,
     RESEND_ATTEMPTS,
+    SYNC_POLL,
+    SYNC_TIMEOUT,
     UNSURE_MARGIN,
     chain_future,
     log_failure,
@@ -97,6 +100,36 @@ class Answering(Paging):
         assert self._conn is not None
         await replay(self._conn, self.topology, collect, since=since)
         return found
+
+    async def _synced(self) -> None:
+        """Return once this scheduler has read what the journal stored before now (a record of
+        its own, appended now, has come back), and what the other live schedulers write again
+        of it (see :mod:`.readback`): each finds a write the journal lost once it reads a later
+        one of its own back, so each has journaled ``alive`` a heartbeat interval after now.
+        At most ``SYNC_TIMEOUT`` plus two heartbeat intervals."""
+        began, interval = time.time(), self.settings.heartbeat_interval
+        deadline = time.monotonic() + SYNC_TIMEOUT + 2 * interval
+        self._syncs_sent += 1
+        record = {"k": "sync", "s": self.scheduler_id, "n": self._syncs_sent}
+        line = json.dumps(record, separators=(",", ":")).encode()  # as the journal writes it
+        back = self._syncs[line] = asyncio.get_running_loop().create_future()
+        try:
+            await self.journal.append(record)
+            await asyncio.wait_for(back, deadline - time.monotonic())
+            while self.peers.behind(began + interval, time.time()):
+                if time.monotonic() > deadline:
+                    raise TimeoutError
+                await asyncio.sleep(SYNC_POLL)
+        except TimeoutError:
+            log.warning("journal not read up to now in time: going on")
+        finally:
+            self._syncs.pop(line, None)
+
+    def _read_back(self, line: bytes) -> None:
+        """A JSON record of this scheduler came back from the journal."""
+        back = self._syncs.get(line)
+        if back is not None and not back.done():
+            back.set_result(None)
 
     async def _finish(self, record: TaskRecord, answer: Answer, now: float) -> None:
         """Send the one final answer to the submitter and every watcher, then remember it."""
@@ -202,4 +235,17 @@ class Answering(Paging):
             "%d answer(s) not confirmed after %.0fs: journaled on their own",
             len(late),
             ANSWER_GRACE,
+        )
+
+    def _rewrite_lost(self) -> None:
+        """Write again the journal writes confirmed but not stored (see :mod:`.readback`)."""
+        lost = self._unread.lost(time.monotonic())
+        if not lost:
+            return
+        for body, kind in lost:
+            self._background.add(write := asyncio.ensure_future(self.journal.rewrite(body, kind)))
+            write.add_done_callback(self._background.discard)
+            write.add_done_callback(log_failure)
+        log.warning(
+            "%d journal write(s) confirmed but not in the journal: written again", len(lost)
         )

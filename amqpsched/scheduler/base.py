@@ -25,6 +25,7 @@ from ..transport import IncomingMessage
 from .journal import Journal, JournalReader
 from .outbox import Outbox
 from .peers import Peers
+from .readback import Unread
 from .registry import WorkerRegistry
 from .state import MemoryTaskStore
 
@@ -69,9 +70,10 @@ UNSURE_KEEP = 3600.0
 ANSWER_GRACE = 3.0
 #: Attempts to send again, on its own, an answer whose publish was refused.
 RESEND_ATTEMPTS = 5
-#: Refused publishes within this many seconds after which a new channel is used to publish.
-REFUSALS_LIMIT = 3
-REFUSALS_WINDOW = 2.0
+#: Seconds a scheduler waits for a record it journaled to come back from the journal.
+SYNC_TIMEOUT = 10.0
+#: Seconds between two looks at the other schedulers' latest ``alive`` records.
+SYNC_POLL = 0.05
 
 
 class SchedulerBase:
@@ -106,8 +108,12 @@ class SchedulerBase:
     #: Answers sent and not yet confirmed: task id -> (when, answer); journaled on their own if
     #: the confirm is late.
     _answering: dict[str, tuple[float, Answer]]
-    _refusals: list[float]
-    _replaced_at: float
+    #: Its journal writes not read back yet: those confirmed but not stored are written again.
+    _unread: Unread
+    #: Records journaled to know when the journal is read up to them -> their future.
+    _syncs: dict[bytes, asyncio.Future[None]]
+    _syncs_sent: int
+    _refusals: transport.Refusals
     _background: set[asyncio.Future[None]]
     _alive_at: float
     #: Cut off from the broker at the last sweep: workers' heartbeats could not arrive.
@@ -139,11 +145,7 @@ class SchedulerBase:
         """A publish was refused (nacked). After a queue's leader moved to another node,
         RabbitMQ 3.10 can go on refusing every publish of a channel that was restored, while a
         new channel works: after a few refusals in a row, publish on a new channel."""
-        now = time.monotonic()
-        self._refusals = [t for t in self._refusals if t > now - REFUSALS_WINDOW] + [now]
-        if len(self._refusals) >= REFUSALS_LIMIT and now > self._replaced_at + REFUSALS_WINDOW:
-            self._replaced_at = now
-            self._refusals.clear()
+        if self._refusals.refused(time.monotonic()):
             task = asyncio.ensure_future(self._replace_publishing_channel())
             self._background.add(task)
             task.add_done_callback(self._background.discard)
@@ -158,9 +160,7 @@ class SchedulerBase:
         old = self.outbox.channel
         self.outbox.channel = channel
         log.warning("publishes were refused: publishing on a new channel")
-        await asyncio.sleep(transport.PUBLISH_TIMEOUT)  # what was sent on it is settled
-        if old is not self._channel:
-            await transport.close_quietly(old)
+        await transport.retire(old, keep=self._channel)
 
     async def _share(self, kind: str, event: bytes) -> None:
         """With other schedulers alive, journal a worker's event so that they know it too (the

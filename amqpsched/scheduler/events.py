@@ -12,6 +12,7 @@ from .. import logs, tracing, transport
 from ..errors import AmqpschedError, DecodeError
 from ..protocol import (
     DIRECT_HEADER,
+    REDELIVERED_HEADER,
     ErrorType,
     Kind,
     OutcomeBatch,
@@ -32,6 +33,12 @@ from .outbox import failure
 from .state import TaskRecord, is_fenced
 
 log = logging.getLogger("amqpsched.scheduler")
+
+
+def redelivered(msg: IncomingMessage) -> bool:
+    """Whether an outcome may have been answered before: the message was delivered before (to
+    a scheduler that lost its connection), or its task was (to a worker that did)."""
+    return bool(msg.redelivered) or bool((msg.headers or {}).get(REDELIVERED_HEADER))
 
 
 class Events(Answering):
@@ -109,7 +116,7 @@ class Events(Answering):
         self.metrics.tasks_per_message.labels("outcome").observe(1)
         # The worker sent it to the client too (protocol section 16): that client is answered.
         direct = (msg.headers or {}).get(DIRECT_HEADER) is not None
-        done = self._outcome(ev, tracing.from_headers(msg.headers), direct)
+        done = self._outcome(ev, tracing.from_headers(msg.headers), direct, redelivered(msg))
         if done is not None:
             await done
         await transport.settle(msg)
@@ -117,19 +124,25 @@ class Events(Answering):
     async def _on_outcome_batch(self, msg: IncomingMessage, batch: OutcomeBatch) -> None:
         self.metrics.tasks_per_message.labels("outcome").observe(len(batch.events))
         parents = batch.traceparents + [None] * (len(batch.events) - len(batch.traceparents))
+        again = redelivered(msg)
         pending = [
             done
             for ev, parent in zip(batch.events, parents, strict=False)
-            if (done := self._outcome(ev, tracing.valid(parent))) is not None
+            if (done := self._outcome(ev, tracing.valid(parent), False, again)) is not None
         ]
         await wait_all(pending)
         await transport.settle(msg)
 
     def _outcome(
-        self, ev: OutcomeEvent, traceparent: str | None, direct: bool = False
+        self,
+        ev: OutcomeEvent,
+        traceparent: str | None,
+        direct: bool = False,
+        redelivered: bool = False,
     ) -> asyncio.Future[Any] | None:
         """Answer the task of an outcome; the future is done once the answer is confirmed.
-        ``direct``: its submitter has it already (from the worker): journal it, answer others."""
+        ``direct``: its submitter has it already (from the worker): journal it, answer others.
+        ``redelivered``: it was delivered before, maybe to another scheduler."""
         record = self.store.get(ev.task_id)
         if record is not None and record.answering is not None:
             # Answered, but not confirmed yet (a broker restart may be under way): this outcome
@@ -139,6 +152,10 @@ class Events(Answering):
             )
         if record is not None and ev.task_id in self._unsure:
             return asyncio.ensure_future(self._outcome_checked(ev, traceparent, direct))
+        if redelivered and (record is None or not record.final):
+            # Its scheduler lost its connection before the ack, maybe after the answer: that
+            # answer's journal entry may not be read here yet. Read the journal up to now.
+            return asyncio.ensure_future(self._outcome_synced(ev, traceparent, direct))
         if record is not None and (record.final or is_fenced(record, ev.attempt)):
             if is_fenced(record, ev.attempt):
                 self.fenced += 1
@@ -184,6 +201,14 @@ class Events(Answering):
     ) -> None:
         await asyncio.wait([answering])
         # Answered: this one is dropped (or fenced, and counted so). Not: it answers instead.
+        again = self._outcome(ev, traceparent, direct)
+        if again is not None:
+            await again
+
+    async def _outcome_synced(
+        self, ev: OutcomeEvent, traceparent: str | None, direct: bool
+    ) -> None:
+        await self._synced()
         again = self._outcome(ev, traceparent, direct)
         if again is not None:
             await again

@@ -30,6 +30,7 @@ from .. import transport
 from ..errors import AmqpschedError, BrokerError
 from ..protocol import Kind
 from ..topology import Topology
+from .readback import Unread
 
 log = logging.getLogger("amqpsched.journal")
 
@@ -65,6 +66,12 @@ class Journal:
         self._replacing: asyncio.Future[None] | None = None
         self._batch: list[tuple[Record, asyncio.Future[None]]] = []
         self._flusher: asyncio.Future[None] | None = None
+        #: Writes not read back from the journal yet (None: not tracked).
+        self.unread: Unread | None = None
+
+    async def rewrite(self, body: bytes, kind: str) -> None:
+        """Write an entry again (confirmed once, but not stored)."""
+        await self._write(body, Kind(kind))
 
     async def copy_answers(self, answers: list[bytes]) -> None:
         """Journal encoded answers on their own (not by the publish that sent them): one
@@ -75,6 +82,8 @@ class Journal:
     async def _write(self, body: bytes, kind: Kind) -> None:
         for attempt in range(1, WRITE_ATTEMPTS + 1):
             channel = self.channel
+            if self.unread is not None:
+                self.unread.sent(body, kind, time.monotonic())
             try:
                 await transport.publish(
                     channel.default_exchange,
@@ -83,8 +92,12 @@ class Journal:
                     mandatory=True,
                     timeout=WRITE_TIMEOUT if self._new_channel else transport.PUBLISH_TIMEOUT,
                 )
+                if self.unread is not None:
+                    self.unread.confirmed(body, kind, time.monotonic())
                 return
             except BrokerError as exc:
+                if self.unread is not None:
+                    self.unread.failed(body, kind)
                 if attempt == WRITE_ATTEMPTS or self._new_channel is None:
                     raise
                 log.warning("journal write failed (%s): writing again on a new channel", exc)

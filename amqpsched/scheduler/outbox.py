@@ -9,7 +9,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from aio_pika.abc import AbstractChannel
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange
 from prometheus_client import Counter, Histogram
 
 from .. import tracing, transport
@@ -27,6 +28,7 @@ from ..protocol import (
 )
 from ..topology import JOURNAL_KEY, Topology
 from ..transport import IncomingMessage
+from .readback import Unread
 from .state import TaskRecord
 
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
@@ -100,6 +102,30 @@ class Outbox:
         self._answers: KeyedCoalescer[str, _Answer] = KeyedCoalescer(
             self._send_answers, size=lambda a: len(a[1])
         )
+        #: Journaled publishes not read back from the journal yet (None: not tracked).
+        self.unread: Unread | None = None
+
+    async def _publish_journaled(
+        self,
+        exchange: AbstractExchange,
+        msg: aio_pika.Message,
+        routing_key: str,
+        *,
+        mandatory: bool = False,
+    ) -> None:
+        """Publish a message that is journaled too (by the publish itself, or alone), tracked
+        until it is read back (a confirm does not prove the journal stored it)."""
+        unread, kind = self.unread, msg.type or ""
+        if unread is not None:
+            unread.sent(msg.body, kind, time.monotonic())
+        try:
+            await transport.publish(exchange, msg, routing_key, mandatory=mandatory)
+        except BaseException:
+            if unread is not None:
+                unread.failed(msg.body, kind)
+            raise
+        if unread is not None:
+            unread.confirmed(msg.body, kind, time.monotonic())
 
     async def send(
         self, reply_to: str, corr: str, kind: Kind, body: bytes, traceparent: str | None = None
@@ -165,7 +191,9 @@ class Outbox:
         msg = transport.message(
             body, Kind.ANSWER, headers=tracing.headers(traceparent, self._origin)
         )
-        await transport.publish(self.channel.default_exchange, msg, self.topology.journal_queue)
+        await self._publish_journaled(
+            self.channel.default_exchange, msg, self.topology.journal_queue
+        )
 
     async def _answer_journaled(
         self, reply_to: str, corr: str, body: bytes, traceparent: str | None
@@ -178,7 +206,7 @@ class Outbox:
                 traceparent, {"BCC": [self.topology.journal_queue], **self._origin}
             ),
         )
-        await transport.publish(self.channel.default_exchange, msg, reply_to)
+        await self._publish_journaled(self.channel.default_exchange, msg, reply_to)
 
     def _count(self, kind: str, tasks: int) -> None:
         if self._tasks_per_message is not None:
@@ -194,7 +222,7 @@ class Outbox:
             Kind.ANSWER_BATCH,
             headers={"BCC": [self.topology.journal_queue], **self._origin},
         )
-        await transport.publish(self.channel.default_exchange, msg, reply_to)
+        await self._publish_journaled(self.channel.default_exchange, msg, reply_to)
 
     async def dispatch(self, task: TaskMessage, traceparent: str | None = None) -> None:
         """Publish ``task`` to its capability queue and, by the same publish, to the journal;
@@ -238,7 +266,7 @@ class Outbox:
             headers = {"BCC": [JOURNAL_KEY], **self._origin}
             msg = transport.message(body, Kind.TASK_BATCH, headers=headers)
         try:
-            await transport.publish(exchange, msg, capability, mandatory=True)
+            await self._publish_journaled(exchange, msg, capability, mandatory=True)
         except BrokerError:
             self.topology.forget_capability(capability)  # maybe deleted: declare it again
             raise

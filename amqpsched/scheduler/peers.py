@@ -50,6 +50,11 @@ class Peers:
         """Every live scheduler, this one included."""
         return [self.me, *(s for s, at in self._seen.items() if at + self.window >= now)]
 
+    def behind(self, since: float, now: float) -> list[str]:
+        """The other live schedulers whose latest ``alive`` record read here is older than
+        ``since``."""
+        return [s for s, at in self._seen.items() if at + self.window >= now and at < since]
+
     def others(self, now: float) -> bool:
         return len(self.live(now)) > 1
 

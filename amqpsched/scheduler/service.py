@@ -27,11 +27,11 @@ from ..protocol import (
 )
 from ..settings import Settings
 from ..topology import Topology
-from .base import REFUSALS_WINDOW
 from .events import Events
 from .journal import Journal, JournalReader
 from .outbox import Outbox
 from .peers import Peers
+from .readback import Unread
 from .recovery import apply_entry, journaled_answers
 from .registry import WorkerRegistry
 from .requests import Requests
@@ -87,8 +87,7 @@ class Scheduler(Requests, Events, Timers):
         self.peers = Peers(self.scheduler_id, self.registry.liveness_window)
         self._reader: JournalReader | None = None
         self._channel: AbstractChannel | None = None
-        self._refusals: list[float] = []
-        self._replaced_at = -REFUSALS_WINDOW
+        self._refusals = transport.Refusals()
         self._background: set[asyncio.Future[None]] = set()
         self._alive_at = 0.0
         #: Cut off from the broker at the last sweep: workers' heartbeats could not arrive.
@@ -98,6 +97,9 @@ class Scheduler(Requests, Events, Timers):
         #: if the confirm is late.
         self._answering: dict[str, tuple[float, Answer]] = {}
         self._unsure_check: asyncio.Future[None] | None = None
+        self._unread = Unread()
+        self._syncs: dict[bytes, asyncio.Future[None]] = {}
+        self._syncs_sent = 0
         self.consuming = False
         self.fenced = 0
         self.metrics.registry.register(
@@ -129,6 +131,7 @@ class Scheduler(Requests, Events, Timers):
                 self.metrics.tasks_per_message,
                 self.scheduler_id,
             )
+            self._outbox.unread = self._unread
             transport.on_reconnect(self._conn, self.metrics.reconnects.inc)
             conn = self._conn
             # Journal records on a channel of their own, replaced when a write is not confirmed.
@@ -138,6 +141,7 @@ class Scheduler(Requests, Events, Timers):
                 self.scheduler_id,
                 new_channel=lambda: transport.confirm_channel(conn),
             )
+            self._journal.unread = self._unread
             # Read the journal to its end, then go on following it: what other schedulers
             # dispatch, answer and cancel is known here too.
             recovered = await self._follow_journal()
@@ -215,6 +219,9 @@ class Scheduler(Requests, Events, Timers):
     def _apply_entry(self, kind: str, body: bytes, origin: str | None) -> None:
         """A journal entry, at start or written since by another scheduler."""
         if origin == self.scheduler_id:
+            self._unread.read(body)  # it is stored (see readback)
+            if self._syncs and kind == "record":
+                self._read_back(body)
             # Its own: applied when it was made; but an answer whose publish failed without a
             # confirm or a refusal is known to have gone out once its journal copy is read.
             if self._unsure and kind in (Kind.ANSWER, Kind.ANSWER_BATCH):

@@ -82,6 +82,7 @@ class Timers(Answering):
         self._cancels = {k: v for k, v in self._cancels.items() if v > now}
         self._unsure = {k: v for k, v in self._unsure.items() if v > now - UNSURE_KEEP}
         self._copy_late_answers(now)
+        self._rewrite_lost()
         if now >= self._alive_at + self.settings.heartbeat_interval:
             await self._alive()
         self.peers.forget_old(now, UNSURE_KEEP)

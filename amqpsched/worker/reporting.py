@@ -10,6 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, AbstractRobustConnection
 
 from .. import tracing, transport
@@ -18,6 +19,7 @@ from ..errors import BrokerError
 from ..metrics import WorkerMetrics
 from ..protocol import (
     DIRECT_HEADER,
+    REDELIVERED_HEADER,
     ErrorInfo,
     Kind,
     OutcomeEvent,
@@ -37,9 +39,20 @@ from .slots import Slots
 log = logging.getLogger("amqpsched.worker")
 
 
-#: An outcome to send: the event, its traceparent, the event encoded, and its task unless it was
-#: redelivered (then it never answers the client; :func:`answers_directly` decides the rest).
-Outcome = tuple[OutcomeEvent, str | None, bytes, TaskMessage | None]
+#: An outcome to send: the event, its traceparent, the event encoded, its task unless it was
+#: redelivered (then it never answers the client; :func:`answers_directly` decides the rest), and
+#: whether it was redelivered (it may have run before, and been answered: the outcome says so).
+Outcome = tuple[OutcomeEvent, str | None, bytes, TaskMessage | None, bool]
+
+
+#: Seconds between publishes of a message the broker refused (about 6 s in all).
+REPUBLISH_PAUSES = (0.2, 0.4, 0.8, 1.6, 3.2)
+
+
+def _redelivered(redelivered: bool) -> dict[str, Any]:
+    """The headers of an outcome (or a batch of them) that tell whether one's task message was
+    redelivered."""
+    return {REDELIVERED_HEADER: True} if redelivered else {}
 
 
 class Reporting:
@@ -61,6 +74,11 @@ class Reporting:
     _executor: ThreadPoolExecutor
     _conn: AbstractRobustConnection | None
     _channel: AbstractChannel | None
+    #: The channel it publishes on: ``_channel`` until refusals make it use a new one.
+    _pub: AbstractChannel | None
+    _refusals: transport.Refusals
+    #: Publishing channels being replaced (then closed once what they carried is settled).
+    _replacing: set[asyncio.Future[None]]
     _events: AbstractExchange | None
     #: Where a direct answer is published (None: the broker has no replies exchange yet).
     _replies: AbstractExchange | None
@@ -99,6 +117,58 @@ class Reporting:
         finally:
             await transport.close_quietly(probe)
 
+    async def _publish(
+        self,
+        exchange: AbstractExchange,
+        msg: aio_pika.Message,
+        routing_key: str,
+        *,
+        mandatory: bool = False,
+        pauses: tuple[float, ...] = REPUBLISH_PAUSES,
+    ) -> None:
+        """Publish with a confirm. A refused one is published again after each of ``pauses``
+        (a queue whose leader moved refuses publishes for a few seconds: an outcome published
+        again spares running its task again); after repeated refusals, on a new channel."""
+        for pause in (*pauses, None):
+            try:
+                await transport.publish(exchange, msg, routing_key, mandatory=mandatory)
+                return
+            except BrokerError as exc:
+                if not transport.refused(exc):
+                    raise
+                self._refused()
+                if pause is None:
+                    raise
+                log.info("publish to %r refused: again in %.1fs", routing_key, pause)
+            await asyncio.sleep(pause)
+            if msg.type in (Kind.OUTCOME, Kind.OUTCOME_BATCH):
+                msg.headers.update(_redelivered(True))  # the refused one may have got through
+            assert self._pub is not None
+            exchange = await self._pub.get_exchange(exchange.name, ensure=False)
+
+    def _refused(self) -> None:
+        """A publish was refused: after a few, publish on a new channel (see Refusals)."""
+        if self._refusals.refused(time.monotonic()):
+            replacing = asyncio.ensure_future(self._replace_publishing_channel())
+            self._replacing.add(replacing)
+            replacing.add_done_callback(self._replacing.discard)
+
+    async def _replace_publishing_channel(self) -> None:
+        assert self._conn is not None
+        topo = self.topology
+        try:
+            channel = await transport.confirm_channel(self._conn)
+        except BrokerError as exc:
+            log.warning("could not open a new channel to publish on: %s", exc)
+            return
+        old, self._pub = self._pub, channel
+        self._events = await channel.get_exchange(topo.events_exchange, ensure=False)
+        self._registry = await channel.get_exchange(topo.registry_exchange, ensure=False)
+        if self._replies is not None:
+            self._replies = await channel.get_exchange(topo.replies_exchange, ensure=False)
+        log.warning("publishes were refused: publishing on a new channel")
+        await transport.retire(old, keep=self._channel)
+
     async def _retry(
         self,
         delivery: Delivery,
@@ -109,11 +179,11 @@ class Reporting:
     ) -> None:
         """Hand the next attempt to the broker, which holds it ``delay_ms``; then tell the
         scheduler; then ack. A crash in between runs the attempt again, never loses it."""
-        assert self._channel is not None
+        assert self._channel is not None and self._pub is not None
         await self.topology.declare_delay(self._channel, delay_ms)
-        exchange = await self._channel.get_exchange(self.topology.delay_exchange, ensure=False)
+        exchange = await self._pub.get_exchange(self.topology.delay_exchange, ensure=False)
         nxt = task.model_copy(update={"attempt": task.attempt + 1})
-        await transport.publish(
+        await self._publish(
             exchange,
             transport.message(
                 encode(nxt),
@@ -173,8 +243,10 @@ class Reporting:
         # The outcome is confirmed by the broker before the task is acked: never lost.
         # Whether it also answers the client is decided when it is sent (answers_directly); a
         # redelivered task never does, and the delivery is known only here.
-        direct = None if delivery.message.redelivered or self._replies is None else task
-        await self._outcomes.add((outcome, tracing.current_traceparent(), encode(outcome), direct))
+        redelivered = bool(delivery.message.redelivered)
+        direct = None if redelivered or self._replies is None else task
+        traceparent = tracing.current_traceparent()
+        await self._outcomes.add((outcome, traceparent, encode(outcome), direct, redelivered))
         await delivery.settle()
         self.metrics.tasks.labels(
             task.capability, error.type.value if error else Status.SUCCEEDED.value
@@ -191,15 +263,16 @@ class Reporting:
         event: StartedEvent | OutcomeEvent | RetryingEvent,
         traceparent: str | None,
         body: bytes | None = None,
+        redelivered: bool = False,
     ) -> None:
         assert self._events is not None
-        await transport.publish(
+        await self._publish(
             self._events,
             transport.message(
                 encode(event) if body is None else body,
                 kind,
                 message_id=event.task_id,
-                headers=tracing.headers(traceparent),
+                headers=tracing.headers(traceparent, _redelivered(redelivered)),
             ),
             self.topology.results_queue,
             mandatory=True,
@@ -207,7 +280,7 @@ class Reporting:
 
     async def _send_outcomes(self, items: list[Outcome]) -> None:
         if len(items) == 1:
-            event, traceparent, body, task = items[0]
+            event, traceparent, body, task, redelivered = items[0]
             started_at = event.started_at or time.time()
             if task is not None and answers_directly(
                 task,
@@ -220,13 +293,14 @@ class Reporting:
             ):
                 await self._publish_direct(event, traceparent, body)
             else:
-                await self._publish_one(Kind.OUTCOME, event, traceparent, body)
+                await self._publish_one(Kind.OUTCOME, event, traceparent, body, redelivered)
             return
         assert self._events is not None
-        body = batch_body(b"events", [b for _, _, b, _ in items], [tp for _, tp, _, _ in items])
-        await transport.publish(
+        body = batch_body(b"events", [i[2] for i in items], [i[1] for i in items])
+        headers = _redelivered(any(i[4] for i in items))
+        await self._publish(
             self._events,
-            transport.message(body, Kind.OUTCOME_BATCH),
+            transport.message(body, Kind.OUTCOME_BATCH, headers=headers),
             self.topology.results_queue,
             mandatory=True,
         )
@@ -237,7 +311,7 @@ class Reporting:
         """One publish to the results queue and, by ``BCC``, to the client's reply queue."""
         assert self._replies is not None
         headers = {"BCC": [event.reply_to], DIRECT_HEADER: event.reply_to}
-        await transport.publish(
+        await self._publish(
             self._replies,
             transport.message(
                 body,
@@ -260,9 +334,9 @@ class Reporting:
         settle: bool = True,
         task: TaskMessage | None = None,
     ) -> None:
-        assert self._channel is not None
-        dlx = await self._channel.get_exchange(self.topology.dead_letter_exchange, ensure=False)
-        await transport.publish(
+        assert self._pub is not None
+        dlx = await self._pub.get_exchange(self.topology.dead_letter_exchange, ensure=False)
+        await self._publish(
             dlx,
             transport.dead_letter_message(
                 delivery.source,

@@ -76,6 +76,9 @@ class Worker(Execution):
         self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="amqpsched-sync")
         self._conn: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
+        self._pub: AbstractChannel | None = None
+        self._refusals = transport.Refusals()
+        self._replacing: set[asyncio.Future[None]] = set()
         self._events: AbstractExchange | None = None
         #: Where a direct answer is published (None: the broker has no replies exchange yet).
         self._replies: AbstractExchange | None = None
@@ -108,7 +111,7 @@ class Worker(Execution):
         self._conn = await transport.connect(self.settings, f"amqpsched-worker-{self.worker_id}")
         try:
             channel = await transport.confirm_channel(self._conn, prefetch=self.concurrency)
-            self._channel = channel
+            self._channel = self._pub = channel
             topo = self.topology
             # What it uses but the scheduler owns is only checked (created if missing, which a
             # worker with its role's permissions may not do); declare_control_queue and
@@ -190,6 +193,8 @@ class Worker(Execution):
             await self._announce(Kind.GOODBYE)
         except AmqpschedError as exc:
             log.warning("could not say goodbye: %s", exc)
+        for replacing in list(self._replacing):
+            replacing.cancel()
         if self._conn is not None:
             await self._conn.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -214,7 +219,8 @@ class Worker(Execution):
     async def _announce(self, kind: Kind) -> None:
         assert self._registry is not None
         body = encode(self.announcement())
-        await transport.publish(self._registry, transport.message(body, kind, persistent=False), "")
+        msg = transport.message(body, kind, persistent=False)
+        await self._publish(self._registry, msg, "", pauses=())  # the next one goes soon
 
     def _reconnected(self) -> None:
         self.metrics.reconnects.inc()
