@@ -380,14 +380,11 @@ class Client:
         """Publish on a new channel (see :class:`~amqpsched.transport.Refusals`); the first one
         goes on consuming replies."""
         assert self._conn is not None
-        try:
-            channel = await transport.confirm_channel(self._conn)
-        except BrokerError as exc:
-            log.warning("could not open a new channel to publish on: %s", exc)
+        channel = await transport.replacement_channel(self._conn)
+        if channel is None:
             return
         old, self._pub = self._pub, channel
         self._submit = await channel.get_exchange(self.topology.submit_exchange, ensure=False)
-        log.warning("publishes were refused: publishing on a new channel")
         await transport.retire(old, keep=self._channel)
 
     async def _send_submissions(self, items: list[_Submission]) -> None:

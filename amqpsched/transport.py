@@ -258,6 +258,18 @@ class Refusals:
         return True
 
 
+async def replacement_channel(conn: AbstractRobustConnection) -> AbstractChannel | None:
+    """A new confirm channel to publish on, after :class:`Refusals` (None: it could not be
+    opened, which is logged; the old one stays)."""
+    try:
+        channel = await confirm_channel(conn)
+    except BrokerError as exc:
+        log.warning("could not open a new channel to publish on: %s", exc)
+        return None
+    log.warning("publishes were refused: publishing on a new channel")
+    return channel
+
+
 async def retire(channel: AbstractChannel | None, keep: AbstractChannel | None = None) -> None:
     """Close ``channel``, no longer published on (replaced after :class:`Refusals`), once what
     was published on it is settled; not if it is ``keep`` (it consumes too)."""

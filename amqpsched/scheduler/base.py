@@ -152,14 +152,11 @@ class SchedulerBase:
 
     async def _replace_publishing_channel(self) -> None:
         assert self._conn is not None
-        try:
-            channel = await transport.confirm_channel(self._conn)
-        except AmqpschedError as exc:
-            log.warning("could not open a new channel to publish on: %s", exc)
+        channel = await transport.replacement_channel(self._conn)
+        if channel is None:
             return
         old = self.outbox.channel
         self.outbox.channel = channel
-        log.warning("publishes were refused: publishing on a new channel")
         await transport.retire(old, keep=self._channel)
 
     async def _share(self, kind: str, event: bytes) -> None:

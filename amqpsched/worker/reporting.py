@@ -156,17 +156,14 @@ class Reporting:
     async def _replace_publishing_channel(self) -> None:
         assert self._conn is not None
         topo = self.topology
-        try:
-            channel = await transport.confirm_channel(self._conn)
-        except BrokerError as exc:
-            log.warning("could not open a new channel to publish on: %s", exc)
+        channel = await transport.replacement_channel(self._conn)
+        if channel is None:
             return
         old, self._pub = self._pub, channel
         self._events = await channel.get_exchange(topo.events_exchange, ensure=False)
         self._registry = await channel.get_exchange(topo.registry_exchange, ensure=False)
         if self._replies is not None:
             self._replies = await channel.get_exchange(topo.replies_exchange, ensure=False)
-        log.warning("publishes were refused: publishing on a new channel")
         await transport.retire(old, keep=self._channel)
 
     async def _retry(
