@@ -348,7 +348,8 @@ async def test_three_schedulers_survive_a_scheduler_sigkill_and_a_node_stop_mid_
         pattern = "WARNING|ERROR|Traceback"
         logs = "\n".join(f"--- {p.log.name}:\n{tail(p, pattern, 10)}" for p in survivors)
         listed = rabbit_cluster.ctl("list_queues", "name", "type", "leader", "online", "messages")
-        pytest.fail("\n".join([line, "PROBLEMS:", *problems, logs, listed]))
+        # The problems last: a CI log shows the end of a long failure.
+        pytest.fail("\n".join([line, logs, listed, "PROBLEMS:", *problems]))
 
 
 # -- two schedulers in one process, on the shared broker ---------------------------------------

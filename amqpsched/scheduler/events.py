@@ -28,7 +28,7 @@ from ..protocol import (
 from ..transport import IncomingMessage
 from .answers import Answering
 from .base import wait_all
-from .cold import BATCH_REPLY
+from .cold import BATCH_REPLY, id_hash
 from .outbox import failure
 from .state import TaskRecord, is_fenced
 
@@ -152,6 +152,12 @@ class Events(Answering):
             )
         if record is not None and ev.task_id in self._unsure:
             return asyncio.ensure_future(self._outcome_checked(ev, traceparent, direct))
+        if record is None and self._paging:
+            paging = self._paging.get(id_hash(ev.task_id))
+            if paging is not None:  # kept cold, being read back (a query or an event asked)
+                return asyncio.ensure_future(
+                    self._outcome_paged(paging, ev, traceparent, direct, redelivered)
+                )
         if redelivered and (record is None or not record.final):
             # Its scheduler lost its connection before the ack, maybe after the answer: that
             # answer's journal entry may not be read here yet. Read the journal up to now.
@@ -202,6 +208,19 @@ class Events(Answering):
         await asyncio.wait([answering])
         # Answered: this one is dropped (or fenced, and counted so). Not: it answers instead.
         again = self._outcome(ev, traceparent, direct)
+        if again is not None:
+            await again
+
+    async def _outcome_paged(
+        self,
+        paging: asyncio.Future[None],
+        ev: OutcomeEvent,
+        traceparent: str | None,
+        direct: bool,
+        redelivered: bool,
+    ) -> None:
+        await asyncio.wait([paging])
+        again = self._outcome(ev, traceparent, direct, redelivered)
         if again is not None:
             await again
 
