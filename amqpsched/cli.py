@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from pathlib import Path
@@ -103,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from .runtime import serve, setup_logging
+    from .runtime import run, serve, setup_logging
 
     if args.command == "schema":
         from .schemas import check_or_write
@@ -121,12 +120,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     settings = _settings(args)
     setup_logging(settings)
     if args.command == "dlq":
-        return asyncio.run(_dlq_command(args, settings))
+        return run(_dlq_command(args, settings), settings)
     if args.command == "scheduler":
         from .scheduler import Scheduler
 
         registry = CollectorRegistry()
-        asyncio.run(serve(Scheduler(settings, registry=registry), settings, registry))
+        run(serve(Scheduler(settings, registry=registry), settings, registry), settings)
         return 0
     if args.command == "worker":
         from .worker import Worker, WorkerApp
@@ -139,12 +138,12 @@ def _dispatch(args: argparse.Namespace) -> int:
             app.include(load_app(spec))
         registry = CollectorRegistry()
         worker = Worker(app, args.capability, settings, registry=registry)
-        asyncio.run(serve(worker, settings, registry))
+        run(serve(worker, settings, registry), settings)
         return 0
     if args.command == "map":
         text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text("utf-8")
         args.payloads = [json.loads(line) for line in text.splitlines() if line.strip()]
-    return asyncio.run(_client_command(args, settings))
+    return run(_client_command(args, settings), settings)
 
 
 async def _dlq_command(args: argparse.Namespace, settings: Settings) -> int:

@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from typing import Protocol
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry
 
+from .errors import ConfigurationError
 from .health import HealthServer
 from .logs import JsonFormatter, TextFormatter
 from .settings import Settings
 
 log = logging.getLogger("amqpsched")
+T = TypeVar("T")
 
 
 class Service(Protocol):
@@ -34,6 +37,25 @@ def setup_logging(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), handlers=[handler])
     logging.getLogger("aio_pika").setLevel(logging.WARNING)
     logging.getLogger("aiormq").setLevel(logging.WARNING)
+
+
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop to run on (``Settings.event_loop``); None: asyncio's own."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise ConfigurationError("event_loop=uvloop, but uvloop is not installed") from None
+        return None
+    return uvloop.new_event_loop
+
+
+def run(main: Coroutine[Any, Any, T], settings: Settings) -> T:
+    """``asyncio.run(main)`` on the event loop ``settings`` choose."""
+    with asyncio.Runner(loop_factory=loop_factory(settings.event_loop)) as runner:
+        return runner.run(main)
 
 
 async def serve(service: Service, settings: Settings, registry: CollectorRegistry) -> None:

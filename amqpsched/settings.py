@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import Literal
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, field_validator
@@ -177,6 +178,11 @@ class Settings(BaseSettings):
         default=3600.0,
         gt=0,
         description="Seconds a submission's idempotency key maps to its task.",
+    )
+    event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
+        default="auto",
+        description="The event loop of the scheduler, workers and the CLI: uvloop (less CPU "
+        "per message) when it is installed and this is auto; asyncio's own with asyncio.",
     )
     direct_answers: bool = Field(
         default=True,

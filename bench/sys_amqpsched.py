@@ -35,10 +35,15 @@ class Amqpsched(System):
 
     #: Direct answers (protocol section 16): a lone succeeded task answered by its worker.
     direct_answers = True
+    #: The scheduler's and workers' event loop (``AMQPSCHED_EVENT_LOOP``).
+    event_loop = "auto"
 
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
-        self.namespace = f"bench{ctx.run_id}{'' if self.direct_answers else 'nd'}"
+        suffix = ("" if self.direct_answers else "nd") + (
+            "" if self.event_loop == "auto" else "aio"
+        )
+        self.namespace = f"bench{ctx.run_id}{suffix}"
         self.settings = Settings(
             amqp_url=ctx.amqp_url, namespace=self.namespace, direct_answers=self.direct_answers
         )
@@ -61,6 +66,7 @@ class Amqpsched(System):
             AMQPSCHED_AMQP_URL=self.ctx.amqp_url,
             AMQPSCHED_NAMESPACE=self.namespace,
             AMQPSCHED_DIRECT_ANSWERS=str(self.direct_answers).lower(),
+            AMQPSCHED_EVENT_LOOP=self.event_loop,
         )
         # Side by side, each follows the others through the journal (cluster mode); the first
         # declares the topology before the others start.
@@ -158,6 +164,21 @@ class AmqpschedNoDirect(Amqpsched):
     def unsupported(self, w: Workload) -> str | None:
         alone = w.name in ("latency", "paced") or (w.name == "throughput" and w.in_flight == 1)
         return None if alone else "one task at a time only"
+
+
+class AmqpschedAsyncio(Amqpsched):
+    """The scheduler and workers on asyncio's own event loop (``AMQPSCHED_EVENT_LOOP=asyncio``)
+    instead of uvloop: what uvloop saves."""
+
+    name = "amqpsched-asyncio"
+    event_loop = "asyncio"
+
+    def unsupported(self, w: Workload) -> str | None:
+        if w.name in ("latency", "paced"):
+            return None
+        if w.name == "throughput" and w.in_flight in (1, 1000) and w.payload_bytes <= 100:
+            return None
+        return "sequential and 1 or 1,000 in flight only"
 
 
 class AmqpschedMap(Amqpsched):

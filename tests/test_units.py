@@ -25,6 +25,7 @@ from amqpsched.protocol import (
     decode,
 )
 from amqpsched.retry import DELAY_STEPS_MS, backoff_delay, delay_step, retry_delay
+from amqpsched.runtime import run
 from amqpsched.scheduler.readback import Unread
 from amqpsched.scheduler.recovery import apply_answer, apply_dispatch, apply_entry
 from amqpsched.scheduler.registry import WorkerRegistry
@@ -246,6 +247,17 @@ def test_settings_read_env_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = Settings()
     assert settings.default_timeout == 12.5
     assert settings.concurrency == 3
+
+
+def test_services_run_on_the_event_loop_the_settings_choose() -> None:
+    async def loop_module() -> str:
+        return type(asyncio.get_running_loop()).__module__
+
+    assert run(loop_module(), Settings(event_loop="asyncio")).startswith("asyncio")
+    assert run(loop_module(), Settings(event_loop="uvloop")).startswith("uvloop")
+    assert run(loop_module(), Settings(event_loop="auto")).startswith("uvloop")  # installed
+    with pytest.raises(ValidationError):
+        Settings(event_loop="trio")  # type: ignore[arg-type]
 
 
 def test_env_example_lists_every_setting() -> None:

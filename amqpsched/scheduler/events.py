@@ -162,7 +162,9 @@ class Events(Answering):
             # Its scheduler lost its connection before the ack, maybe after the answer: that
             # answer's journal entry may not be read here yet. Read the journal up to now.
             return asyncio.ensure_future(self._outcome_synced(ev, traceparent, direct))
-        if record is not None and (record.final or is_fenced(record, ev.attempt)):
+        # A direct outcome is not fenced off: its client has it already (an attempt dispatched
+        # again for a submission handed back, section 9.4). It is the answer.
+        if record is not None and (record.final or (is_fenced(record, ev.attempt) and not direct)):
             if is_fenced(record, ev.attempt):
                 self.fenced += 1
                 self.metrics.fenced.labels(record.capability).inc()

@@ -181,6 +181,7 @@ class Requests(Answering):
         replay: bool,
         batch_reply: bool,
         direct: bool,
+        synced: bool = False,
     ) -> asyncio.Future[Any] | None:
         """Dispatch a submitted task, or, if it is known already, answer or watch it. Returns
         the future of what it caused, done once the broker confirmed it (None: nothing to wait
@@ -226,10 +227,34 @@ class Requests(Answering):
             elif redelivered and known.owner != self.scheduler_id and known.task is not None:
                 # Handed back by a scheduler that may have failed to dispatch it: the journal
                 # holds the dispatch, but the capability queue may not (one of the two
-                # destinations refused the publish). Dispatch it again: at worst it runs twice,
-                # and is answered once.
-                return self._dispatch_again(known, known.task)
+                # destinations refused the publish). Dispatch it again, as the next attempt: at
+                # worst it runs twice, and the earlier attempt's outcome is fenced off (every
+                # scheduler reads the new attempt in the journal), so it is answered once. Not
+                # directly by its worker: the earlier attempt may have been.
+                task = known.task.model_copy(update={"attempt": known.attempt + 1, "direct": False})
+                known.attempt, known.task = task.attempt, task
+                known.state, known.worker_id = TaskState.DISPATCHED, None
+                return self._dispatch_again(known, task)
             return known.dispatching  # acked only once its dispatch is confirmed
+        if redelivered and not synced and self._reader is not None:
+            # Handed back by a scheduler that died or lost its connection before the ack: it may
+            # have dispatched the task, and its journal entry may not be read here yet.
+            return asyncio.ensure_future(
+                self._accept_synced(
+                    lambda: self._accept(
+                        req,
+                        timeout,
+                        reply_to,
+                        corr,
+                        traceparent,
+                        redelivered=redelivered,
+                        replay=replay,
+                        batch_reply=batch_reply,
+                        direct=direct,
+                        synced=True,
+                    )
+                )
+            )
         task_id = req.task_id or uuid.uuid4().hex
         with tracing.span(
             "amqpsched.dispatch",
@@ -263,6 +288,12 @@ class Requests(Answering):
         while self._dispatching >= MAX_DISPATCHING:
             self._dispatch_freed.clear()
             await self._dispatch_freed.wait()
+
+    async def _accept_synced(self, accept: Callable[[], asyncio.Future[Any] | None]) -> None:
+        await self._synced()
+        done = accept()
+        if done is not None:
+            await done
 
     async def _accept_warm(
         self, task_id: str, accept: Callable[[], asyncio.Future[Any] | None]
