@@ -219,8 +219,11 @@ class Topology:
 
         Raises :class:`BrokerError` if ``name`` is missing and this user may not create it."""
         kind, declare = self._core()[name]
-        underlay = await channel.get_underlay_channel()
-        probe = await underlay.connection.channel(publisher_confirms=False)
+        try:
+            underlay = await channel.get_underlay_channel()
+            probe = await underlay.connection.channel(publisher_confirms=False)
+        except (RuntimeError, aiormq.exceptions.AMQPError) as exc:  # the connection is closed
+            raise BrokerError(f"could not check {name}: {exc.__class__.__name__}") from exc
         try:
             if kind == "queue":
                 await probe.queue_declare(name, passive=True)

@@ -53,12 +53,16 @@ class Requests(Answering):
             await self._requeue_later(msg, exc)
         except Exception:
             log.exception("unexpected error on request %s", msg.message_id)
-            await self.outbox.reject(
-                msg,
-                "internal_error",
-                "the scheduler failed on this message",
-                error=ErrorType.INTERNAL_ERROR,
-            )
+            try:
+                await self.outbox.reject(
+                    msg,
+                    "internal_error",
+                    "the scheduler failed on this message",
+                    error=ErrorType.INTERNAL_ERROR,
+                )
+            except AmqpschedError as exc:  # not dead-lettered: it comes back instead
+                await self._requeue_later(msg, exc)
+                return
             await transport.settle(msg)
             self.metrics.rejected.labels("internal_error").inc()
 
