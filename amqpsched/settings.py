@@ -179,10 +179,11 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds a submission's idempotency key maps to its task.",
     )
-    event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
-        default="auto",
-        description="The event loop of the scheduler, workers and the CLI: uvloop (less CPU "
-        "per message) when it is installed and this is auto; asyncio's own with asyncio.",
+    event_loop: Literal["asyncio", "uvloop", "auto"] = Field(
+        default="asyncio",
+        description="The event loop of the scheduler, workers and the CLI: asyncio's own, "
+        "uvloop (pip install uvloop), or auto: uvloop if it is installed. uvloop measured no "
+        "faster here (docs/benchmarks.md), and its processes grew larger.",
     )
     direct_answers: bool = Field(
         default=True,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -91,19 +92,36 @@ def headers(traceparent: str | None, base: Mapping[str, Any] | None = None) -> d
     return out
 
 
-def _tracer() -> Any:
-    """The amqpsched tracer, or None when OpenTelemetry is absent or has no provider set."""
+#: Seconds between two looks for a tracer provider while none is set (a look reads the
+#: environment: too slow for every task).
+PROVIDER_RECHECK = 1.0
+#: [when a provider was last looked for in vain, the tracer once one is found]
+_found: list[Any] = [-PROVIDER_RECHECK, None]
+
+
+def _tracer(fresh: bool = False) -> Any:
+    """The amqpsched tracer, or None when OpenTelemetry is absent or has no provider set (a
+    provider set later is seen within :data:`PROVIDER_RECHECK` seconds; at once if ``fresh``)."""
     if _PROPAGATOR is None:
+        return None
+    looked_at, tracer = _found
+    if tracer is not None:
+        return tracer  # a provider is set once, for good
+    now = time.monotonic()
+    if not fresh and now - looked_at < PROVIDER_RECHECK:
         return None
     provider = otel_trace.get_tracer_provider()
     if isinstance(provider, otel_trace.ProxyTracerProvider | otel_trace.NoOpTracerProvider):
+        _found[0] = now
         return None
-    return provider.get_tracer("amqpsched", __version__)
+    tracer = provider.get_tracer("amqpsched", __version__)
+    _found[1] = tracer
+    return tracer
 
 
 def enabled() -> bool:
     """True when spans are recorded (the ``otel`` extra and a configured tracer provider)."""
-    return _tracer() is not None
+    return _tracer(fresh=True) is not None
 
 
 class Span:

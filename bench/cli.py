@@ -30,7 +30,7 @@ from .procs import (
     tree_cpu_seconds,
 )
 from .profile import Sampler, py_spy_binary, summarize
-from .sys_amqpsched import Amqpsched, AmqpschedAsyncio, AmqpschedMap, AmqpschedNoDirect
+from .sys_amqpsched import Amqpsched, AmqpschedMap, AmqpschedNoDirect, AmqpschedUvloop
 from .sys_celery import CelerySystem
 from .sys_dramatiq import DramatiqSystem
 from .sys_raw import RawAioPika
@@ -41,7 +41,7 @@ SYSTEMS: dict[str, type[System]] = {
     for cls in (
         Amqpsched,
         AmqpschedNoDirect,
-        AmqpschedAsyncio,
+        AmqpschedUvloop,
         AmqpschedMap,
         RawAioPika,
         CelerySystem,

@@ -36,7 +36,7 @@ class Amqpsched(System):
     #: Direct answers (protocol section 16): a lone succeeded task answered by its worker.
     direct_answers = True
     #: The scheduler's and workers' event loop (``AMQPSCHED_EVENT_LOOP``).
-    event_loop = "auto"
+    event_loop = "asyncio"
 
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
@@ -166,12 +166,12 @@ class AmqpschedNoDirect(Amqpsched):
         return None if alone else "one task at a time only"
 
 
-class AmqpschedAsyncio(Amqpsched):
-    """The scheduler and workers on asyncio's own event loop (``AMQPSCHED_EVENT_LOOP=asyncio``)
-    instead of uvloop: what uvloop saves."""
+class AmqpschedUvloop(Amqpsched):
+    """The scheduler and workers on uvloop (``AMQPSCHED_EVENT_LOOP=uvloop``, from the bench
+    extra) instead of asyncio's own loop: what uvloop would save."""
 
-    name = "amqpsched-asyncio"
-    event_loop = "asyncio"
+    name = "amqpsched-uvloop"
+    event_loop = "uvloop"
 
     def unsupported(self, w: Workload) -> str | None:
         if w.name in ("latency", "paced"):
