@@ -183,7 +183,7 @@ class Settings(BaseSettings):
         default="asyncio",
         description="The event loop of the scheduler, workers and the CLI: asyncio's own, "
         "uvloop (pip install uvloop), or auto: uvloop if it is installed. uvloop measured no "
-        "faster here (docs/benchmarks.md), and its processes grew larger.",
+        "faster here (docs/benchmarks.md).",
     )
     direct_answers: bool = Field(
         default=True,
