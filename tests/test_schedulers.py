@@ -12,7 +12,15 @@ from typing import Any
 import pytest
 
 from amqpsched import NoWorkerAvailable, transport
-from amqpsched.protocol import Kind, OutcomeEvent, Status, answer_of, encode
+from amqpsched.protocol import (
+    Kind,
+    OutcomeEvent,
+    Status,
+    SubmitRequest,
+    TaskMessage,
+    answer_of,
+    encode,
+)
 from amqpsched.scheduler import Scheduler
 from amqpsched.scheduler.peers import Peers, rendezvous
 from amqpsched.scheduler.state import TaskRecord
@@ -219,3 +227,46 @@ async def test_a_journal_write_confirmed_but_not_stored_is_written_again(
     first._unread.sent(body, Kind.ANSWER, now)  # as if published,
     first._unread.confirmed(body, Kind.ANSWER, now)  # and confirmed, but never stored
     await wait_until(lambda: (r := second.store.get(ev.task_id)) is not None and r.final)
+
+
+async def test_a_redelivered_submission_waits_for_the_journal_and_runs_as_the_next_attempt(
+    system: System,
+) -> None:
+    """A submission handed back by a scheduler that died after dispatching its task (the
+    dispatch is in the journal, not read here yet) is taken only once the journal is read up to
+    now; the task then runs as attempt 2, so attempt 1's outcome is fenced and it is answered
+    once (not directly by its worker: attempt 1's may have been)."""
+    scheduler = await system.scheduler()
+    held = HeldJournal(scheduler)
+    now = time.time()
+    task = TaskMessage(
+        task_id=f"t-{uuid.uuid4().hex[:8]}",
+        capability="echo",
+        payload=1,
+        attempt=1,
+        submitted_at=now,
+        deadline=now + 60,
+        reply_to="nobody",
+        correlation_id="c",
+        direct=True,
+    )
+    async with transport.connection(system.settings, "test-journal") as conn:
+        channel = await transport.confirm_channel(conn)
+        msg = transport.message(encode(task), Kind.TASK, headers={transport.H_SCHEDULER: "dead"})
+        await transport.publish(channel.default_exchange, msg, system.topology.journal_queue)
+    await wait_until(lambda: held.holds(task.task_id.encode()))
+    req = SubmitRequest(v=1, task_id=task.task_id, capability="echo", payload=1)
+    accepted = scheduler._accept(
+        req, 60, "nobody", "c", None, redelivered=True, replay=False, batch_reply=False, direct=True
+    )
+    assert accepted is not None
+    await wait_until(lambda: held.holds(b'"k":"sync"'))
+    assert not accepted.done() and scheduler.store.get(task.task_id) is None
+    held.release()
+    await asyncio.wait_for(accepted, TIMEOUT)
+    record = scheduler.store.get(task.task_id)
+    assert record is not None and record.attempt == 2
+    assert record.task is not None and record.task.attempt == 2 and not record.task.direct
+    # Attempt 1's outcome is fenced: nothing is answered for it.
+    late = an_outcome().model_copy(update={"task_id": task.task_id})
+    assert scheduler._outcome(late, None) is None and not record.final
