@@ -198,6 +198,47 @@ async def test_the_sdk_takes_direct_answers_and_the_journal_keeps_them(system: S
     assert (await client.status(handle.task_id)).state.value == "succeeded"
 
 
+async def test_a_cancel_after_a_direct_answer_leaves_the_task_succeeded(system: System) -> None:
+    """The worker answered the client directly; the scheduler has not consumed that outcome yet
+    when the client cancels the task. The cancel waits for it: the task stays ``succeeded``, and
+    nobody is told it was cancelled."""
+    scheduler = await system.scheduler()
+    await system.worker("echo")
+    client = await system.client()
+    held: list[Any] = []
+    hold = asyncio.Event()
+    on_outcome = scheduler._on_outcome
+
+    async def held_back(msg: Any, ev: Any) -> None:
+        if hold.is_set():
+            held.append((msg, ev))
+            return
+        await on_outcome(msg, ev)
+
+    scheduler._on_outcome = held_back  # type: ignore[method-assign]
+    hold.set()
+    handle = await client.submit("echo", "done")
+    assert await handle.result(timeout=STEP) == "done"  # from the worker
+    async with asyncio.timeout(STEP):
+        while not held:
+            await asyncio.sleep(0.01)
+    notice = scheduler.outbox.cancel_notice
+    released: list[asyncio.Future[None]] = []
+
+    async def then_release(task_ids: list[str], until: float) -> None:
+        await notice(task_ids, until)
+        hold.clear()
+        for msg, ev in held:  # the outcome comes in now, the cancel under way
+            released.append(asyncio.ensure_future(on_outcome(msg, ev)))
+
+    scheduler.outbox.cancel_notice = then_release  # type: ignore[method-assign]
+    reply = await handle.cancel()
+    assert reply.state.value == "succeeded"
+    assert reply.answer is not None and reply.answer.result == "done"
+    assert (await client.status(handle.task_id)).state.value == "succeeded"
+    await asyncio.wait_for(asyncio.gather(*released), STEP)
+
+
 # -- the rule, without I/O -------------------------------------------------------------------------
 
 

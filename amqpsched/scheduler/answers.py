@@ -148,6 +148,10 @@ class Answering(Paging):
         targets = [t for t in targets if t[0] and t != direct]
         state, watchers, task = record.state, list(record.watchers), record.task
         self.store.finish(record, answer, now)  # final at once for status queries
+        if self._answered_waiters:
+            waiter = self._answered_waiters.pop(record.task_id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
         # Sent and journaled by one publish: after a crash, a restarted scheduler knows exactly
         # which answers went out. When a broker node fails, it is not all-or-nothing: a refused one
         # may be in the journal and not sent, or sent and not in the journal; one not confirmed

@@ -103,6 +103,8 @@ class SchedulerBase:
     #: Tasks whose answer was sent but not confirmed (the broker went away) -> when: it may have
     #: gone out, so the journal is asked before answering them again.
     _unsure: dict[str, float]
+    #: Tasks someone waits to see answered (a cancel: :meth:`Requests._outcome_or_timeout`).
+    _answered_waiters: dict[str, asyncio.Future[None]]
     _unsure_check: asyncio.Future[None] | None
     _journal_check: tuple[float, asyncio.Future[dict[str, Answer]]] | None
     #: Answers sent and not yet confirmed: task id -> (when, answer); journaled on their own if

@@ -43,6 +43,9 @@ log = logging.getLogger("amqpsched.scheduler")
 #: Tasks whose dispatch may await its confirm at once; further submissions wait their turn.
 MAX_DISPATCHING = 512
 SUBMIT_KINDS = frozenset({Kind.SUBMIT.value, Kind.SUBMIT_BATCH.value})
+#: Seconds a cancel of a task its worker may answer directly waits for that worker's outcome
+#: (it may have answered the client before the cancel came).
+CANCEL_GRACE = 0.3
 
 
 class Requests(Answering):
@@ -370,6 +373,19 @@ class Requests(Answering):
         )
         await self.outbox.send(reply_to, corr, Kind.STATUS_REPLY, encode(reply))
 
+    async def _outcome_or_timeout(self, record: TaskRecord, timeout: float) -> None:
+        """Return once ``record`` is answered, or after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        if not record.final:
+            waiter = self._answered_waiters.setdefault(
+                record.task_id, asyncio.get_running_loop().create_future()
+            )
+            await asyncio.wait([waiter], timeout=timeout)
+            if self._answered_waiters.get(record.task_id) is waiter:
+                del self._answered_waiters[record.task_id]
+        if record.answering is not None:  # answered, the answer not confirmed yet
+            await asyncio.wait([record.answering], timeout=max(deadline - time.monotonic(), 0))
+
     async def _cancel(self, task_id: str, reply_to: str, corr: str) -> None:
         record = await self._find(task_id)
         if record is not None and not record.final:
@@ -378,6 +394,10 @@ class Requests(Answering):
             await self.journal.append(cancelled(task_id, record.deadline))
             # Workers first: a queued task must be skipped, a running one stopped.
             await self.outbox.cancel_notice([task_id], record.deadline)
+            if not record.final and record.task is not None and record.task.direct:
+                # Its worker may have answered the client itself already (section 16), the
+                # outcome not consumed here yet: that outcome, not `cancelled`, is the answer.
+                await self._outcome_or_timeout(record, CANCEL_GRACE)
             if not record.final:  # its outcome may have come in meanwhile
                 answer = failure(record, ErrorType.CANCELLED, "the task was cancelled", now)
                 await self._finish(record, answer, now)
