@@ -249,6 +249,37 @@ def test_settings_read_env_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.concurrency == 3
 
 
+def test_buffered_scheduler_series_read_as_if_observed_one_by_one() -> None:
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+
+    from amqpsched.metrics import LATENCY_BUCKETS, SchedulerMetrics
+
+    registry, plain = CollectorRegistry(), CollectorRegistry()
+    series = SchedulerMetrics(registry).of("echo")
+    histogram = Histogram("h", "h", ["capability"], buckets=LATENCY_BUCKETS, registry=plain)
+    counter = Counter("c", "c", ["capability"], registry=plain)
+    values = [0.0, 0.001, 0.0011, 0.5, 2.5, 3599.0, 1e9, *LATENCY_BUCKETS]
+    for round_ in range(2):  # read between the rounds: handed on once, not twice
+        for v in values:
+            series.end_to_end.observe(v)
+            histogram.labels("echo").observe(v)
+            series.submitted.inc()
+            counter.labels("echo").inc()
+
+        def samples(reg: CollectorRegistry, prefix: str) -> list[tuple[str, str, float]]:
+            return [
+                (s.name.removeprefix(prefix), s.labels.get("le", ""), s.value)
+                for m in reg.collect()
+                for s in m.samples
+                if s.name.startswith(prefix) and not s.name.endswith("_created")
+            ]
+
+        assert samples(registry, "amqpsched_task_end_to_end_seconds") == samples(plain, "h")
+        assert registry.get_sample_value(
+            "amqpsched_tasks_submitted_total", {"capability": "echo"}
+        ) == len(values) * (round_ + 1)
+
+
 def test_services_run_on_the_event_loop_the_settings_choose() -> None:
     async def loop_module() -> str:
         return type(asyncio.get_running_loop()).__module__

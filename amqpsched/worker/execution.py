@@ -194,7 +194,7 @@ class Execution(Reporting):
             error = _error(ErrorType.HANDLER_ERROR, str(exc) or repr(exc), exc)
         started.cancel()  # finished before `started` was due: the outcome tells it all
         self.executed += 1
-        self.metrics.execution.labels(task.capability).observe(time.monotonic() - clock)
+        self.metrics.execution_of(task.capability).observe(time.monotonic() - clock)
         if error is None:
             await self._report(delivery, task, started_at, None, result)
             return None

@@ -245,7 +245,7 @@ class Reporting:
         traceparent = tracing.current_traceparent()
         await self._outcomes.add((outcome, traceparent, encode(outcome), direct, redelivered))
         await delivery.settle()
-        self.metrics.tasks.labels(
+        self.metrics.finished(
             task.capability, error.type.value if error else Status.SUCCEEDED.value
         ).inc()
         if error is not None:
