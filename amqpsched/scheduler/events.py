@@ -163,7 +163,7 @@ class Events(Answering):
             # answer's journal entry may not be read here yet. Read the journal up to now.
             return asyncio.ensure_future(self._outcome_synced(ev, traceparent, direct))
         # A direct outcome is not fenced off: its client has it already (an attempt dispatched
-        # again for a submission handed back, section 9.4). It is the answer.
+        # again for a submission handed back, protocol 5.5 and 9.6). It is the answer.
         if record is not None and (record.final or (is_fenced(record, ev.attempt) and not direct)):
             if is_fenced(record, ev.attempt):
                 self.fenced += 1
