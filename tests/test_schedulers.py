@@ -270,3 +270,13 @@ async def test_a_redelivered_submission_waits_for_the_journal_and_runs_as_the_ne
     # Attempt 1's outcome is fenced: nothing is answered for it.
     late = an_outcome().model_copy(update={"task_id": task.task_id})
     assert scheduler._outcome(late, None) is None and not record.final
+
+
+async def test_redelivered_messages_at_once_share_a_journal_sync(system: System) -> None:
+    """A batch of redelivered messages (after a failure) waits for the journal once or twice,
+    not once per task: callers that come while a sync runs share the next one."""
+    scheduler = await system.scheduler()
+    before = scheduler._syncs_sent
+    await asyncio.wait_for(asyncio.gather(*(scheduler._synced() for _ in range(200))), TIMEOUT)
+    await asyncio.wait_for(scheduler._synced(), TIMEOUT)  # one more, after them: its own
+    assert scheduler._syncs_sent - before == 2

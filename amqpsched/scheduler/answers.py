@@ -102,6 +102,21 @@ class Answering(Paging):
         return found
 
     async def _synced(self) -> None:
+        """Return once this scheduler has read what the journal stored before now (see
+        :meth:`_sync`). Callers that come while a sync runs share the next one: a batch of
+        redelivered messages (after a scheduler or a broker node failed) makes one sync per
+        sync time, not one per task."""
+        if self._next_sync is None:
+            self._next_sync = asyncio.ensure_future(self._sync_after(self._running_sync))
+        await asyncio.shield(self._next_sync)
+
+    async def _sync_after(self, running: asyncio.Future[None] | None) -> None:
+        if running is not None:
+            await asyncio.wait([running])  # it began before this one's callers came
+        self._running_sync, self._next_sync = self._next_sync, None
+        await self._sync()
+
+    async def _sync(self) -> None:
         """Return once this scheduler has read what the journal stored before now (a record of
         its own, appended now, has come back), and what the other live schedulers write again
         of it (see :mod:`.readback`): each finds a write the journal lost once it reads a later

@@ -115,6 +115,9 @@ class SchedulerBase:
     #: Records journaled to know when the journal is read up to them -> their future.
     _syncs: dict[bytes, asyncio.Future[None]]
     _syncs_sent: int
+    #: The journal sync under way, and the one its late callers wait for (``_synced``).
+    _running_sync: asyncio.Future[None] | None
+    _next_sync: asyncio.Future[None] | None
     _refusals: transport.Refusals
     _background: set[asyncio.Future[None]]
     _alive_at: float

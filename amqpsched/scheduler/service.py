@@ -101,6 +101,8 @@ class Scheduler(Requests, Events, Timers):
         self._unread = Unread()
         self._syncs: dict[bytes, asyncio.Future[None]] = {}
         self._syncs_sent = 0
+        self._running_sync: asyncio.Future[None] | None = None
+        self._next_sync: asyncio.Future[None] | None = None
         self.consuming = False
         self.fenced = 0
         self.metrics.registry.register(
