@@ -193,25 +193,26 @@ class Requests(Answering):
         """Dispatch a submitted task, or, if it is known already, answer or watch it. Returns
         the future of what it caused, done once the broker confirmed it (None: nothing to wait
         for). No task of its own per submission: the hot path of a batch."""
+
+        def again(synced: bool = synced) -> asyncio.Future[Any] | None:
+            """This submission taken again, once what it waited for is done."""
+            return self._accept(
+                req,
+                timeout,
+                reply_to,
+                corr,
+                traceparent,
+                redelivered=redelivered,
+                replay=replay,
+                batch_reply=batch_reply,
+                direct=direct,
+                synced=synced,
+            )
+
         now = time.time()
         cold = self._cold_id(req.task_id, req.idempotency_key, now)
         if cold is not None:  # read it back first, then take the submission
-            return asyncio.ensure_future(
-                self._accept_warm(
-                    cold,
-                    lambda: self._accept(
-                        req,
-                        timeout,
-                        reply_to,
-                        corr,
-                        traceparent,
-                        redelivered=redelivered,
-                        replay=replay,
-                        batch_reply=batch_reply,
-                        direct=direct,
-                    ),
-                )
-            )
+            return asyncio.ensure_future(self._accept_warm(cold, again))
         replayed = self.store.get(req.task_id) if req.task_id else None
         if replayed is not None and replayed.final and replay:
             self.store.forget(replayed.task_id)  # a replay from the dead-letter queue runs anew
@@ -246,22 +247,7 @@ class Requests(Answering):
         if redelivered and not synced and self._reader is not None:
             # Handed back by a scheduler that died or lost its connection before the ack: it may
             # have dispatched the task, and its journal entry may not be read here yet.
-            return asyncio.ensure_future(
-                self._accept_synced(
-                    lambda: self._accept(
-                        req,
-                        timeout,
-                        reply_to,
-                        corr,
-                        traceparent,
-                        redelivered=redelivered,
-                        replay=replay,
-                        batch_reply=batch_reply,
-                        direct=direct,
-                        synced=True,
-                    )
-                )
-            )
+            return asyncio.ensure_future(self._accept_synced(lambda: again(synced=True)))
         task_id = req.task_id or uuid.uuid4().hex
         with tracing.span(
             "amqpsched.dispatch",
