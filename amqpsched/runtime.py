@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Callable, Coroutine
@@ -58,6 +59,21 @@ def run(main: Coroutine[Any, Any, T], settings: Settings) -> T:
         return runner.run(main)
 
 
+#: Python's cyclic garbage collector in a started service (``gc.set_threshold``). The default
+#: (700, 10, 10) ran a collection every 700 net allocations: about a fifth of the scheduler's and
+#: a worker's CPU under load, and pauses of tens of ms when a full collection walked every object
+#: made at start. Per-task objects are mostly freed by reference counting; few form cycles.
+GC_THRESHOLDS = (10_000, 20, 10)
+
+
+def tune_gc() -> None:
+    """Move what exists now (modules, the service) out of the collector's reach for good, and
+    collect less often from here on."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 async def serve(service: Service, settings: Settings, registry: CollectorRegistry) -> None:
     """Start ``service``, serve health endpoints, and stop cleanly on SIGTERM or SIGINT."""
     stop = asyncio.Event()
@@ -70,6 +86,8 @@ async def serve(service: Service, settings: Settings, registry: CollectorRegistr
         await health.start()
     try:
         await service.start()
+        if settings.gc_tuning:
+            tune_gc()
         await stop.wait()
         log.info("stopping on signal")
         await service.stop()

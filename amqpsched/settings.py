@@ -185,6 +185,12 @@ class Settings(BaseSettings):
         "uvloop (pip install uvloop), or auto: uvloop if it is installed. uvloop measured no "
         "faster here (docs/benchmarks.md).",
     )
+    gc_tuning: bool = Field(
+        default=True,
+        description="The scheduler and workers, once started, freeze the objects made at start "
+        "out of Python's cyclic garbage collector and run it less often (gen0 threshold "
+        "10,000): about a fifth of their CPU under load went to it (docs/benchmarks.md).",
+    )
     direct_answers: bool = Field(
         default=True,
         description="Clients take a worker's succeeded outcome as their answer, one hop before "

@@ -13,7 +13,7 @@ import os
 import re
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from . import logs
@@ -140,7 +140,21 @@ class Span:
             self._span.set_status(Status(StatusCode.ERROR, message))
 
 
-@contextmanager
+class _Untraced:
+    """What :func:`span` returns while tracing is off: the span as is (no generator per task)."""
+
+    __slots__ = ("_span",)
+
+    def __init__(self, span: Span) -> None:
+        self._span = span
+
+    def __enter__(self) -> Span:
+        return self._span
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
 def span(
     name: str,
     parent: str | None,
@@ -148,14 +162,26 @@ def span(
     kind: str = INTERNAL,
     attributes: Mapping[str, str | int] | None = None,
     create: bool = False,
-) -> Iterator[Span]:
+) -> AbstractContextManager[Span]:
     """An OpenTelemetry span child of ``parent`` (else of the current OpenTelemetry context)
     when tracing is on; yields the traceparent to propagate. When it is off, that is ``parent``
     as is, or with ``create`` a new trace if there is none."""
     tracer = _tracer()
     if tracer is None:
-        yield Span(parent or (_from_current_otel() or new_traceparent() if create else None))
-        return
+        return _Untraced(
+            Span(parent or (_from_current_otel() or new_traceparent() if create else None))
+        )
+    return _traced(tracer, name, parent, kind, attributes)
+
+
+@contextmanager
+def _traced(
+    tracer: Any,
+    name: str,
+    parent: str | None,
+    kind: str,
+    attributes: Mapping[str, str | int] | None,
+) -> Iterator[Span]:
     assert _PROPAGATOR is not None
     context = _PROPAGATOR.extract({TRACEPARENT: parent}) if parent is not None else None
     span_kind = {

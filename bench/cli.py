@@ -92,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--py-spy",
         type=Path,
         metavar="DIR",
-        help="sample the systems' processes with py-spy during the 1,000-in-flight workload; "
-        "raw stacks and a summary go to DIR",
+        help="sample the systems' processes with py-spy during the 1,000-in-flight workload "
+        "(a map-only system: its map); raw stacks and a summary go to DIR",
     )
     p.add_argument(
         "--log-dir", type=Path, help="keep the processes' logs here (default: a tmp dir)"
@@ -276,10 +276,12 @@ async def _run_system(
             roles.setdefault("broker", []).insert(0, broker)
         warmup = Workload("warmup", 16, 100, 50 if ctx.quick else 300)
         await asyncio.wait_for(system.run(warmup, payload_of(100)), cap)
-        profiled = max((w.in_flight for w in todo if w.name == "throughput"), default=0)
+        # The largest throughput workload is profiled; a system that runs none, its `map`.
+        kind = "throughput" if any(w.name == "throughput" for w in todo) else "map"
+        profiled = max((w.in_flight for w in todo if w.name == kind), default=0)
         for w in todo:
             sampler = None
-            if py_spy_dir is not None and w.name == "throughput" and w.in_flight == profiled:
+            if py_spy_dir is not None and w.name == kind and w.in_flight == profiled:
                 sampler = _sampler(py_spy_dir, cls.name, system.roles())
             before = _sample(roles)
             t0 = time.perf_counter()

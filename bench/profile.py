@@ -1,4 +1,5 @@
-"""``--py-spy DIR``: sample our processes with py-spy during the 1,000-in-flight workload and
+"""``--py-spy DIR``: sample our processes with py-spy during the 1,000-in-flight workload (a
+map-only system: during its `map`) and
 summarize where their time goes (self time by function; inclusive time of amqpsched's own)."""
 
 from __future__ import annotations

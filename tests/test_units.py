@@ -34,6 +34,7 @@ from amqpsched.schemas import check_or_write, rendered
 from amqpsched.settings import Settings, env_example, mask_url, mask_urls, split_urls
 from amqpsched.transport import FailoverConnection, Refusals
 from amqpsched.worker.app import InvalidPayload, InvalidResult, WorkerApp, to_json
+from amqpsched.worker.started import StartClock
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -593,3 +594,32 @@ def test_a_channel_is_replaced_after_repeated_refusals_at_most_once_a_window() -
     assert refusals.refused(2.9)
     assert not any(refusals.refused(t) for t in (3.0, 3.1, 3.2, 4.8)), "just replaced"
     assert refusals.refused(5.0)
+
+
+def test_started_notices_are_sent_in_order_once_due_and_never_once_discarded() -> None:
+    """One timer serves every running attempt's `started` notice: due ones are sent oldest
+    first, a discarded one (its attempt finished in time) never is."""
+
+    class Notice:
+        def __init__(self, name: str, sent: list[str], all_sent: asyncio.Event) -> None:
+            self.name, self.sent, self.all_sent = name, sent, all_sent
+
+        def send(self) -> None:
+            self.sent.append(self.name)
+            if len(self.sent) == 2:
+                self.all_sent.set()
+
+    async def scenario() -> tuple[list[str], int]:
+        clock = StartClock(delay=0.02)
+        sent: list[str] = []
+        done = asyncio.Event()
+        a, b, c = (Notice(n, sent, done) for n in "abc")
+        clock.add(a)
+        clock.add(b)
+        clock.discard(a)
+        await asyncio.sleep(0)  # c comes a moment later: due later
+        clock.add(c)
+        await asyncio.wait_for(done.wait(), 5)
+        return sent, len(clock)
+
+    assert asyncio.run(scenario()) == (["b", "c"], 0)

@@ -34,10 +34,6 @@ from .reporting import Reporting
 log = logging.getLogger("amqpsched.worker")
 
 
-#: Seconds an attempt runs before the worker tells the scheduler it started.
-STARTED_DELAY = 0.05
-
-
 class Execution(Reporting):
     async def _on_task(self, msg: IncomingMessage) -> None:
         current = asyncio.current_task()
@@ -189,6 +185,9 @@ class Execution(Reporting):
         except asyncio.CancelledError:
             if task.task_id not in self._cancelled:
                 raise  # the worker is stopping: the task goes back to the queue
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                current.uncancel()  # the cancel notice's: this task goes on to report it
             error = _error(ErrorType.CANCELLED, "cancelled while running")
         except Exception as exc:
             error = _error(ErrorType.HANDLER_ERROR, str(exc) or repr(exc), exc)
@@ -227,7 +226,16 @@ class Execution(Reporting):
     ) -> Any:
         call: asyncio.Future[Any]
         if handler.is_async:
-            call = asyncio.ensure_future(cast(Awaitable[Any], handler.func(payload)))
+            # Run in this task (no task of its own): a cancel notice cancels this one, and
+            # _attempt takes the CancelledError as the cancel.
+            current = asyncio.current_task()
+            assert current is not None
+            self._handler_tasks[task_id] = current
+            try:
+                async with asyncio.timeout(limit):
+                    return await cast(Awaitable[Any], handler.func(payload))
+            finally:
+                self._handler_tasks.pop(task_id, None)
         else:
             loop = asyncio.get_running_loop()
             # The handler's own log lines carry the task context: run it in a copy.
@@ -247,14 +255,17 @@ class _StartNotice:
     """``started`` is sent only if the attempt still runs after STARTED_DELAY: a short task's
     outcome says all it would (one message less per task, and no task of its own until due)."""
 
+    __slots__ = ("_clock", "_sending", "_started_at", "_task", "_worker")
+
     def __init__(self, worker: Execution, task: TaskMessage, started_at: float) -> None:
         self._worker = worker
         self._task = task
         self._started_at = started_at
         self._sending: asyncio.Future[None] | None = None
-        self._timer = asyncio.get_running_loop().call_later(STARTED_DELAY, self._send)
+        self._clock = worker._start_clock
+        self._clock.add(self)
 
-    def _send(self) -> None:
+    def send(self) -> None:
         event = StartedEvent(
             task_id=self._task.task_id,
             attempt=self._task.attempt,
@@ -265,7 +276,7 @@ class _StartNotice:
 
     def cancel(self) -> None:
         """Not due yet: never sent. Being sent: it goes on."""
-        self._timer.cancel()
+        self._clock.discard(self)
 
     async def wait(self) -> None:
         if self._sending is None:

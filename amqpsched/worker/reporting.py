@@ -35,6 +35,7 @@ from .app import Handler
 from .delivery import Delivery
 from .direct import Heartbeats, answers_directly
 from .slots import Slots
+from .started import StartClock
 
 log = logging.getLogger("amqpsched.worker")
 
@@ -88,6 +89,7 @@ class Reporting:
     #: Cancelled task id -> when the notice can be forgotten.
     _cancelled: dict[str, float]
     _handler_tasks: dict[str, asyncio.Future[Any]]
+    _start_clock: StartClock
     _welcomed: asyncio.Event
     _beats: Heartbeats
     # Outcomes ready at the same moment go to the scheduler in one `outcome_batch`; one that goes

@@ -36,6 +36,7 @@ from .direct import Heartbeats
 from .execution import Execution
 from .reporting import Outcome
 from .slots import Slots
+from .started import StartClock
 
 log = logging.getLogger("amqpsched.worker")
 
@@ -88,6 +89,7 @@ class Worker(Execution):
         #: Cancelled task id -> when the notice can be forgotten.
         self._cancelled: dict[str, float] = {}
         self._handler_tasks: dict[str, asyncio.Future[Any]] = {}
+        self._start_clock = StartClock()
         self._welcomed = asyncio.Event()
         self._beats = Heartbeats(
             settings.heartbeat_interval, settings.heartbeat_miss_limit, time.time()
