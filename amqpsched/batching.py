@@ -52,8 +52,12 @@ class Coalescer(Generic[T]):
         size: Callable[[T], int] | None = None,
         max_bytes: int = MAX_BATCH_BYTES,
         on_idle: Callable[[], None] | None = None,
+        hold: float = 0.0,
     ) -> None:
+        """``hold``: seconds the first item waits for others before it is sent (0: the next turn
+        of the loop); for what nobody waits on but the ack of what caused it."""
         self._send = send
+        self.hold = hold
         self.max_items = max_items
         self.max_sends = max_sends
         self._size = size
@@ -83,7 +87,10 @@ class Coalescer(Generic[T]):
     def _kick(self) -> None:
         if self._items and not self._scheduled and self._sends < self.max_sends:
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._start)
+            if self.hold > 0:
+                asyncio.get_running_loop().call_later(self.hold, self._start)
+            else:
+                asyncio.get_running_loop().call_soon(self._start)
 
     def _start(self) -> None:
         self._scheduled = False

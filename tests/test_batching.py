@@ -52,6 +52,17 @@ class Recorder:
             raise RuntimeError("broker said no")
 
 
+async def test_with_a_hold_items_added_turns_apart_go_in_one_send() -> None:
+    send = Recorder()
+    coalescer = Coalescer(send, hold=0.2)
+    first = coalescer.add_nowait(1)
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # a later turn of the loop, within the hold
+    second = coalescer.add_nowait(2)
+    await asyncio.wait_for(asyncio.gather(first, second), WAIT)
+    assert send.batches == [[1, 2]]
+
+
 async def test_items_added_at_the_same_moment_go_in_one_send() -> None:
     send = Recorder()
     coalescer = Coalescer(send, max_items=100)

@@ -14,7 +14,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange
 from prometheus_client import Counter, Histogram
 
 from .. import tracing, transport
-from ..batching import KeyedCoalescer, batch_body
+from ..batching import Coalescer, KeyedCoalescer, batch_body
 from ..errors import BrokerError
 from ..protocol import (
     Answer,
@@ -32,6 +32,10 @@ from .readback import Unread
 from .state import TaskRecord
 
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+#: Seconds an answer sent to nobody waits for others to share its journal entry: one task at a
+#: time, each answered by its worker, then costs the scheduler and the broker one journal write
+#: per few tasks rather than one each. Nobody waits for it but the ack of the outcome.
+UNSENT_HOLD = 0.02
 
 
 def peek(raw: bytes) -> tuple[str | None, str | None]:
@@ -102,6 +106,9 @@ class Outbox:
         self._answers: KeyedCoalescer[str, _Answer] = KeyedCoalescer(
             self._send_answers, size=lambda a: len(a[1])
         )
+        # Answers sent to nobody (their worker answered the client: section 16) are journaled
+        # a moment later, several in one entry: only the ack of their outcome waits for it.
+        self._unsent: Coalescer[bytes] = Coalescer(self._journal_unsent, size=len, hold=UNSENT_HOLD)
         #: Journaled publishes not read back from the journal yet (None: not tracked).
         self.unread: Unread | None = None
 
@@ -179,15 +186,28 @@ class Outbox:
                 sends.append(self._answers.add(first[0], (first[1], body, traceparent)))
             else:
                 sends.append(self._answer_journaled(first[0], first[1], body, traceparent))
-        else:
-            if first is not None:  # direct reply-to takes no BCC: journal it on its own
-                sends.append(self.send(first[0], first[1], Kind.ANSWER, body, traceparent))
+        elif first is not None:  # direct reply-to takes no BCC: journal it on its own
+            sends.append(self.send(first[0], first[1], Kind.ANSWER, body, traceparent))
             sends.append(self._journal_alone(body, traceparent))
+        else:
+            sends.append(self._unsent.add(body))
         await asyncio.gather(*sends)
+
+    async def _journal_unsent(self, bodies: list[bytes]) -> None:
+        if len(bodies) == 1:
+            await self._journal_alone(bodies[0], None)
+            return
+        items = b",".join(b'{"correlation_id":"","answer":' + b + b"}" for b in bodies)
+        msg = transport.message(
+            b'{"v":1,"answers":[' + items + b"]}", Kind.ANSWER_BATCH, headers=self._origin
+        )
+        await self._publish_journaled(
+            self.channel.default_exchange, msg, self.topology.journal_queue
+        )
 
     async def _journal_alone(self, body: bytes, traceparent: str | None) -> None:
         """Journal an answer that no publish of ours sends: its submitter reached by direct
-        reply-to, or answered by the worker (protocol section 16)."""
+        reply-to, or answered by its worker (protocol section 16; see ``_unsent``)."""
         msg = transport.message(
             body, Kind.ANSWER, headers=tracing.headers(traceparent, self._origin)
         )
