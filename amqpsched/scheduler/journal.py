@@ -43,6 +43,12 @@ JOURNALED_KINDS = frozenset({Kind.TASK, Kind.ANSWER, Kind.TASK_BATCH, Kind.ANSWE
 WRITE_TIMEOUT = 5.0
 #: Attempts of one journal write.
 WRITE_ATTEMPTS = 3
+#: The journal reader acks entries together (``multiple``): after this many (its prefetch is
+#: 1,000), or :data:`ACK_IDLE` seconds after the first unacked one: one ack less per entry.
+ACK_EVERY = 200
+ACK_IDLE = 0.2
+#: An ack on a channel closed meanwhile (RuntimeError: its connection is closed).
+_ACK_ERRORS: tuple[type[BaseException], ...] = (*transport.SETTLE_ERRORS, RuntimeError)
 
 
 def cancelled(task_id: str, until: float) -> Record:
@@ -174,6 +180,11 @@ class JournalReader:
         self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
         self._tag: str | None = None
+        #: The last entry applied and not acked yet, how many are unacked, the timer to ack them.
+        self._unacked: aio_pika.abc.AbstractIncomingMessage | None = None
+        self._unacked_count = 0
+        self._ack_timer: asyncio.TimerHandle | None = None
+        self._acks: set[asyncio.Future[None]] = set()
 
     async def read(
         self,
@@ -216,6 +227,10 @@ class JournalReader:
         return self.count
 
     async def close(self) -> None:
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        self._unacked = None
         channel, self._channel = self._channel, None
         if channel is None or channel.is_closed:
             return
@@ -233,7 +248,7 @@ class JournalReader:
         offset = headers.get("x-stream-offset")
         if isinstance(offset, int):
             if offset <= self.offset:  # delivered again by a consumer restored after a reconnect
-                await msg.ack()
+                self._settle(msg)
                 return
             self.offset = offset
         origin = headers.get(transport.H_SCHEDULER)
@@ -244,7 +259,7 @@ class JournalReader:
                 self.count += 1
             except Exception:
                 log.exception("journal %s skipped", msg.type)
-            await msg.ack()
+            self._settle(msg)
             return
         for line in msg.body.splitlines():
             try:
@@ -261,7 +276,37 @@ class JournalReader:
                 self.count += 1
             except Exception:
                 log.exception("journal record skipped: %s", str(record)[:200])
-        await msg.ack()
+        self._settle(msg)
+
+    def _settle(self, msg: aio_pika.abc.AbstractIncomingMessage) -> None:
+        """Ack ``msg`` and every entry before it, now or a little later (:data:`ACK_EVERY`)."""
+        self._unacked = msg
+        self._unacked_count += 1
+        if self._unacked_count >= ACK_EVERY:
+            self._ack()
+        elif self._ack_timer is None:
+            self._ack_timer = asyncio.get_running_loop().call_later(ACK_IDLE, self._ack)
+
+    def _ack(self) -> None:
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        msg, self._unacked, self._unacked_count = self._unacked, None, 0
+        if msg is None:
+            return
+        ack = asyncio.ensure_future(self._ack_up_to(msg))
+        self._acks.add(ack)
+        ack.add_done_callback(self._acks.discard)
+
+    @staticmethod
+    async def _ack_up_to(msg: aio_pika.abc.AbstractIncomingMessage) -> None:
+        # On the channel that delivered it: after a reconnect that one is closed and the ack
+        # fails, never acking a tag of the new channel; what was not acked comes again, and is
+        # skipped by its offset.
+        try:
+            await msg.ack(multiple=True)
+        except _ACK_ERRORS as exc:
+            log.debug("journal entries not acked: %s", exc)
 
 
 async def replay(
