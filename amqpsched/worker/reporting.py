@@ -225,7 +225,7 @@ class Reporting:
         error: ErrorInfo | None,
         result: Any = None,
     ) -> None:
-        outcome = OutcomeEvent(
+        outcome = OutcomeEvent.model_construct(  # built here from checked parts: no validation
             task_id=task.task_id,
             capability=task.capability,
             attempt=task.attempt,
