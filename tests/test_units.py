@@ -623,3 +623,19 @@ def test_started_notices_are_sent_in_order_once_due_and_never_once_discarded() -
         return sent, len(clock)
 
     assert asyncio.run(scenario()) == (["b", "c"], 0)
+
+
+def test_a_started_service_freezes_what_exists_and_collects_less_often() -> None:
+    import gc
+
+    from amqpsched.runtime import GC_THRESHOLDS, tune_gc
+
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert gc.get_freeze_count() > 0
+        assert Settings().gc_tuning  # on by default; AMQPSCHED_GC_TUNING=false keeps Python's
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
