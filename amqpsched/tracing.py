@@ -119,11 +119,6 @@ def _tracer(fresh: bool = False) -> Any:
     return tracer
 
 
-def off() -> bool:
-    """True when no span would be recorded (cheap: see :data:`PROVIDER_RECHECK`)."""
-    return _tracer() is None
-
-
 def enabled() -> bool:
     """True when spans are recorded (the ``otel`` extra and a configured tracer provider)."""
     return _tracer(fresh=True) is not None

@@ -121,10 +121,6 @@ class Execution(Reporting):
             return
         # `started` is sent only if the attempt is still running after STARTED_DELAY: a short
         # task's outcome says all it would (one message less per task, under load).
-        if tracing.off():  # no span: the traceparent goes on as it came
-            span = tracing.Span(traceparent)
-            await self._execute_in_span(delivery, task, handler, started_at, hold, span)
-            return
         attributes: dict[str, str | int] = {
             "amqpsched.task_id": task.task_id,
             "amqpsched.capability": task.capability,
