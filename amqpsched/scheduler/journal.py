@@ -30,6 +30,7 @@ from .. import transport
 from ..errors import AmqpschedError, BrokerError
 from ..protocol import Kind
 from ..topology import Topology
+from .outbox import answer_batch_body
 from .readback import Unread
 
 log = logging.getLogger("amqpsched.journal")
@@ -82,8 +83,7 @@ class Journal:
     async def copy_answers(self, answers: list[bytes]) -> None:
         """Journal encoded answers on their own (not by the publish that sent them): one
         ``answer_batch`` entry. Return once the broker confirmed it."""
-        items = b",".join(b'{"correlation_id":"","answer":' + a + b"}" for a in answers)
-        await self._write(b'{"v":1,"answers":[' + items + b"]}", Kind.ANSWER_BATCH)
+        await self._write(answer_batch_body([("", a) for a in answers]), Kind.ANSWER_BATCH)
 
     async def _write(self, body: bytes, kind: Kind) -> None:
         for attempt in range(1, WRITE_ATTEMPTS + 1):

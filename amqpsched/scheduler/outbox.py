@@ -197,10 +197,8 @@ class Outbox:
         if len(bodies) == 1:
             await self._journal_alone(bodies[0], None)
             return
-        items = b",".join(b'{"correlation_id":"","answer":' + b + b"}" for b in bodies)
-        msg = transport.message(
-            b'{"v":1,"answers":[' + items + b"]}", Kind.ANSWER_BATCH, headers=self._origin
-        )
+        body = answer_batch_body([("", b) for b in bodies])
+        msg = transport.message(body, Kind.ANSWER_BATCH, headers=self._origin)
         await self._publish_journaled(
             self.channel.default_exchange, msg, self.topology.journal_queue
         )
