@@ -106,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
         "heartbeating",
     )
     p.add_argument(
+        "--hops",
+        action="store_true",
+        help="run only the hop test: publish-to-delivery time of one message through a quorum "
+        "and a classic queue, and the floor it sets for the sequential ratio",
+    )
+    p.add_argument(
         "--scale-tasks", type=int, default=1_000_000, help="waiting tasks (default 1,000,000)"
     )
     p.add_argument(
@@ -119,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.schedulers < 1:
         parser.error("--schedulers must be at least 1")
+    if args.hops:
+        from .hops import run_hops
+
+        return asyncio.run(run_hops(args))
     if args.scale:
         from .scale import run_scale
 

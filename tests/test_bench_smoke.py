@@ -70,3 +70,18 @@ def test_bench_quick_writes_rows_of_the_documented_shape(amqp_url: str, tmp_path
         assert ("latency", 1, 100) in measured
         assert {("payload", 64, 1024), ("payload", 64, 65536)} <= measured
     assert "tasks/s" in proc.stdout  # the table was printed
+
+
+@pytest.mark.timeout(120)
+def test_bench_hops_reports_a_quorum_and_a_classic_hop_and_the_floor(amqp_url: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--hops", "--quick", "--amqp-url", amqp_url],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "quorum" in proc.stdout and "classic" in proc.stdout
+    assert "floor of the sequential ratio" in proc.stdout
+    assert "cancelled by the broker" not in proc.stdout + proc.stderr

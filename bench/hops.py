@@ -1,0 +1,81 @@
+"""``python -m bench --hops``: how long one hop through the broker takes, publish (with a
+confirm) to delivery, one message at a time, through a quorum queue and through a classic one.
+
+Why: a task's sequential round trip is a chain of such hops. The raw aio-pika RPC crosses one
+quorum queue (the request) and one classic queue (the reply); amqpsched's critical path crosses
+two quorum queues (``tasks.submit``, the capability queue) and one classic queue (the direct
+answer). Their sum, with no Python work on the way, is the floor of the ratio of the two round
+trips. Rounds alternate between the kinds, so a slow moment of the machine hits both."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+import uuid
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage, DeliveryMode
+
+KINDS = ("quorum", "classic")
+ROUNDS = 4
+PER_ROUND = 400
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+async def _hops(url: str, kind: str, count: int) -> list[float]:
+    """``count`` hops through a new queue of ``kind``, in microseconds."""
+    producer = await aio_pika.connect(url)
+    consumer = await aio_pika.connect(url)
+    try:
+        publish_channel = await producer.channel(publisher_confirms=True)
+        consume_channel = await consumer.channel()
+        name = f"bench.hops.{kind}.{uuid.uuid4().hex[:8]}"
+        arguments = {"x-queue-type": "quorum"} if kind == "quorum" else {}
+        queue = await consume_channel.declare_queue(name, durable=True, arguments=arguments)
+        arrived: asyncio.Queue[float] = asyncio.Queue()
+
+        async def on_message(msg: AbstractIncomingMessage) -> None:
+            arrived.put_nowait(time.perf_counter())
+            await msg.ack()
+
+        tag = await queue.consume(on_message)
+        hops = []
+        for _ in range(count):
+            sent = time.perf_counter()
+            message = aio_pika.Message(b"x" * 100, delivery_mode=DeliveryMode.PERSISTENT)
+            await publish_channel.default_exchange.publish(message, name, mandatory=True)
+            hops.append((await asyncio.wait_for(arrived.get(), 30) - sent) * 1e6)
+        await queue.cancel(tag)
+        await queue.delete(if_unused=False, if_empty=False)
+        return hops
+    finally:
+        await producer.close()
+        await consumer.close()
+
+
+async def run_hops(args: argparse.Namespace) -> int:
+    count = 50 if args.quick else PER_ROUND
+    rounds = 1 if args.quick else ROUNDS
+    hops: dict[str, list[float]] = {kind: [] for kind in KINDS}
+    for _ in range(rounds):
+        for kind in KINDS:
+            hops[kind] += await _hops(args.amqp_url, kind, count)
+    p50 = {kind: _pct(values, 0.5) for kind, values in hops.items()}
+    print(f"hops: publish (confirmed) to delivery, one message at a time, {rounds} x {count} each")
+    for kind, values in hops.items():
+        print(
+            f"  {kind:8} p50 {p50[kind]:6.0f} µs   p90 {_pct(values, 0.9):6.0f} µs   "
+            f"p99 {_pct(values, 0.99):6.0f} µs"
+        )
+    raw = p50["quorum"] + p50["classic"]
+    ours = 2 * p50["quorum"] + p50["classic"]
+    print(
+        f"  floor of the sequential ratio (hops only): amqpsched 2 quorum + 1 classic = "
+        f"{ours:.0f} µs; raw RPC 1 quorum + 1 classic = {raw:.0f} µs; x{ours / raw:.2f}"
+    )
+    return 0
