@@ -7,7 +7,7 @@ import asyncio
 import logging
 import ssl
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -15,11 +15,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aio_pika
+import aiormq.abc
 import aiormq.exceptions
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
     AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustChannel,
     AbstractRobustConnection,
     DeliveryMode,
 )
@@ -189,6 +192,37 @@ def is_connected(conn: AbstractRobustConnection) -> bool:
 def on_reconnect(conn: AbstractRobustConnection, callback: Callable[[], None]) -> None:
     """Call ``callback`` each time ``conn`` has re-established itself."""
     conn.reconnect_callbacks.add(lambda _sender: callback())
+
+
+#: What :func:`consume_bodies` hands on: a message's AMQP ``type`` and its body.
+BodyCallback = Callable[[str | None, bytes], Awaitable[None]]
+
+
+async def consume_bodies(queue: AbstractQueue, callback: BodyCallback) -> None:
+    """Consume ``queue`` with no acks, handing ``callback`` each message's type and body: no
+    aio-pika message object and one task less per message than ``queue.consume`` (about 40 % of
+    aio-pika's CPU per delivery, ``python -m bench --scale``), for a queue of many small
+    messages nobody acks: workers' heartbeats. Consumes again each time its channel is restored
+    (after a channel error or a reconnect), once the channel has declared and bound the queue
+    again."""
+    channel = queue.channel
+
+    async def deliver(msg: aiormq.abc.DeliveredMessage) -> None:
+        await callback(msg.header.properties.message_type, msg.body)
+
+    async def consume() -> None:
+        underlay = await channel.get_underlay_channel()
+        await underlay.basic_consume(queue.name, deliver, no_ack=True)
+
+    async def restored(_sender: object) -> None:
+        try:
+            await consume()
+        except BROKER_ERRORS as exc:  # the next restore consumes again
+            log.warning("could not consume %s again: %s", queue.name, exc)
+
+    await consume()
+    if isinstance(channel, AbstractRobustChannel):
+        channel.reopen_callbacks.add(restored)
 
 
 def message(

@@ -16,6 +16,7 @@ import uuid
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, DeliveryMode
+from pamqp.common import FieldTable
 
 KINDS = ("quorum", "classic")
 ROUNDS = 4
@@ -35,7 +36,7 @@ async def _hops(url: str, kind: str, count: int) -> list[float]:
         publish_channel = await producer.channel(publisher_confirms=True)
         consume_channel = await consumer.channel()
         name = f"bench.hops.{kind}.{uuid.uuid4().hex[:8]}"
-        arguments = {"x-queue-type": "quorum"} if kind == "quorum" else {}
+        arguments: FieldTable = {"x-queue-type": "quorum"} if kind == "quorum" else {}
         queue = await consume_channel.declare_queue(name, durable=True, arguments=arguments)
         arrived: asyncio.Queue[float] = asyncio.Queue()
 

@@ -141,9 +141,16 @@ async def _all_dispatched(url: str, topology: Topology, tasks: int, timeout: flo
         left = tasks
         shown = time.monotonic()
         while time.monotonic() < deadline:
-            queue = await channel.declare_queue(
-                topology.capability_queue(IDLE_CAPABILITY), passive=True
-            )
+            try:
+                queue = await channel.declare_queue(
+                    topology.capability_queue(IDLE_CAPABILITY), passive=True
+                )
+            except aio_pika.exceptions.ChannelNotFoundEntity:
+                # Not declared yet: the scheduler declares it with its first dispatch. The
+                # refusal closed the channel.
+                channel = await conn.channel()
+                await asyncio.sleep(0.2)
+                continue
             left = tasks - (queue.declaration_result.message_count or 0)
             if left <= 0:
                 return 0

@@ -324,6 +324,11 @@ async def test_a_scheduler_cut_off_from_the_broker_declares_no_worker_dead(
         assert status.attempts == 1, status
         assert scheduler.registry.get(worker.worker_id) is not None
         assert worker.executed == 1
+        # Its heartbeats reach the scheduler again (their queue is consumed again after the
+        # reconnect): the worker is heard with its task done.
+        async with asyncio.timeout(10):
+            while (info := scheduler.registry.get(worker.worker_id)) is None or info.in_flight:
+                await asyncio.sleep(0.05)
     finally:
         await scheduler.stop()
         await proxy.cut()

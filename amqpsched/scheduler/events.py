@@ -285,16 +285,16 @@ class Events(Answering):
         await transport.settle(msg)
         log.warning("task %s dead-lettered: %s", task.task_id, detail)
 
-    async def _on_announcement(self, msg: IncomingMessage) -> None:
+    async def _on_announcement(self, kind_name: str | None, body: bytes) -> None:
         try:
-            announcement = decode_event(WorkerAnnouncement, msg.body)
+            announcement = decode_event(WorkerAnnouncement, body)
         except DecodeError as exc:
             log.warning("bad worker announcement dropped: %s", exc)
             return
-        if msg.type not in (Kind.HELLO, Kind.HEARTBEAT, Kind.GOODBYE):
-            log.warning("worker announcement of unknown type %r dropped", msg.type)
+        if kind_name not in (Kind.HELLO, Kind.HEARTBEAT, Kind.GOODBYE):
+            log.warning("worker announcement of unknown type %r dropped", kind_name)
             return
-        kind = Kind(msg.type)
+        kind = Kind(kind_name)
         new = self.registry.get(announcement.worker_id) is None
         self.registry.observe(kind, announcement, time.time())
         if kind == Kind.GOODBYE:

@@ -152,7 +152,7 @@ class Scheduler(Requests, Events, Timers):
             if recovered:
                 log.info("recovered %d journal record(s), %d task(s)", recovered, len(self.store))
             registry_queue = await topo.declare_registry_queue(channel, self.scheduler_id)
-            await registry_queue.consume(self._on_announcement, no_ack=True)
+            await transport.consume_bodies(registry_queue, self._on_announcement)
             results = await channel.get_queue(topo.results_queue)
             await results.consume(self._on_event)
             # Submissions on a channel of their own, with a prefetch of their own: a
