@@ -200,11 +200,11 @@ BodyCallback = Callable[[str | None, bytes], Awaitable[None]]
 
 async def consume_bodies(queue: AbstractQueue, callback: BodyCallback) -> None:
     """Consume ``queue`` with no acks, handing ``callback`` each message's type and body: no
-    aio-pika message object and one task less per message than ``queue.consume`` (about 40 % of
-    aio-pika's CPU per delivery, ``python -m bench --scale``), for a queue of many small
-    messages nobody acks: workers' heartbeats. Consumes again each time its channel is restored
-    (after a channel error or a reconnect), once the channel has declared and bound the queue
-    again."""
+    aio-pika message object and one task less per message than ``queue.consume`` (a fifth less
+    of the scheduler's CPU per heartbeat, ``python -m bench --scale``), for a queue of many
+    small messages nobody acks: workers' heartbeats. Consumes again each time its channel is
+    restored (after a channel error or a reconnect), once the channel has declared and bound
+    the queue again."""
     channel = queue.channel
 
     async def deliver(msg: aiormq.abc.DeliveredMessage) -> None:
