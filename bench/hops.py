@@ -46,13 +46,15 @@ async def _hops(url: str, kind: str, count: int) -> list[float]:
 
         tag = await queue.consume(on_message)
         hops = []
-        for _ in range(count):
-            sent = time.perf_counter()
-            message = aio_pika.Message(b"x" * 100, delivery_mode=DeliveryMode.PERSISTENT)
-            await publish_channel.default_exchange.publish(message, name, mandatory=True)
-            hops.append((await asyncio.wait_for(arrived.get(), 30) - sent) * 1e6)
-        await queue.cancel(tag)
-        await queue.delete(if_unused=False, if_empty=False)
+        try:
+            for _ in range(count):
+                sent = time.perf_counter()
+                message = aio_pika.Message(b"x" * 100, delivery_mode=DeliveryMode.PERSISTENT)
+                await publish_channel.default_exchange.publish(message, name, mandatory=True)
+                hops.append((await asyncio.wait_for(arrived.get(), 30) - sent) * 1e6)
+        finally:
+            await queue.cancel(tag)
+            await queue.delete(if_unused=False, if_empty=False)
         return hops
     finally:
         await producer.close()
