@@ -18,14 +18,11 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, DeliveryMode
 from pamqp.common import FieldTable
 
+from .workloads import percentile
+
 KINDS = ("quorum", "classic")
 ROUNDS = 4
 PER_ROUND = 400
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
 async def _hops(url: str, kind: str, count: int) -> list[float]:
@@ -68,12 +65,13 @@ async def run_hops(args: argparse.Namespace) -> int:
     for _ in range(rounds):
         for kind in KINDS:
             hops[kind] += await _hops(args.amqp_url, kind, count)
-    p50 = {kind: _pct(values, 0.5) for kind, values in hops.items()}
+    ordered = {kind: sorted(values) for kind, values in hops.items()}
+    p50 = {kind: percentile(values, 0.5) for kind, values in ordered.items()}
     print(f"hops: publish (confirmed) to delivery, one message at a time, {rounds} x {count} each")
-    for kind, values in hops.items():
+    for kind, values in ordered.items():
         print(
-            f"  {kind:8} p50 {p50[kind]:6.0f} µs   p90 {_pct(values, 0.9):6.0f} µs   "
-            f"p99 {_pct(values, 0.99):6.0f} µs"
+            f"  {kind:8} p50 {p50[kind]:6.0f} µs   p90 {percentile(values, 0.9):6.0f} µs   "
+            f"p99 {percentile(values, 0.99):6.0f} µs"
         )
     raw = p50["quorum"] + p50["classic"]
     ours = 2 * p50["quorum"] + p50["classic"]
