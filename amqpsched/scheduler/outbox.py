@@ -108,7 +108,9 @@ class Outbox:
         )
         # Answers sent to nobody (their worker answered the client: section 16) are journaled
         # a moment later, several in one entry: only the ack of their outcome waits for it.
-        self._unsent: Coalescer[bytes] = Coalescer(self._journal_unsent, size=len, hold=UNSENT_HOLD)
+        self._unsent: Coalescer[tuple[bytes, str | None]] = Coalescer(
+            self._journal_unsent, size=lambda u: len(u[0]), hold=UNSENT_HOLD
+        )
         #: Journaled publishes not read back from the journal yet (None: not tracked).
         self.unread: Unread | None = None
 
@@ -190,14 +192,14 @@ class Outbox:
             sends.append(self.send(first[0], first[1], Kind.ANSWER, body, traceparent))
             sends.append(self._journal_alone(body, traceparent))
         else:
-            sends.append(self._unsent.add(body))
+            sends.append(self._unsent.add((body, traceparent)))
         await asyncio.gather(*sends)
 
-    async def _journal_unsent(self, bodies: list[bytes]) -> None:
-        if len(bodies) == 1:
-            await self._journal_alone(bodies[0], None)
+    async def _journal_unsent(self, unsent: list[tuple[bytes, str | None]]) -> None:
+        if len(unsent) == 1:  # alone, it keeps its traceparent
+            await self._journal_alone(*unsent[0])
             return
-        body = answer_batch_body([("", b) for b in bodies])
+        body = answer_batch_body([("", b) for b, _ in unsent])
         msg = transport.message(body, Kind.ANSWER_BATCH, headers=self._origin)
         await self._publish_journaled(
             self.channel.default_exchange, msg, self.topology.journal_queue
