@@ -21,7 +21,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnec
 from prometheus_client import CollectorRegistry
 
 from . import tracing, transport
-from .batching import Coalescer
+from .batching import MAX_BATCH_BYTES, Coalescer
 from .errors import (
     AmqpschedError,
     BrokerError,
@@ -213,8 +213,12 @@ class Client:
         self._reply_queue = self.topology.reply_queue(self.client_id)
         self._pending: dict[str, asyncio.Future[_Reply]] = {}
         # Submissions made at the same moment go in one `submit_batch` message.
+        # A batch stays under the scheduler's limit (the same setting), with room for its frame.
         self._submits = Coalescer(
-            self._send_submissions, max_items=SUBMIT_BATCH_MAX, size=lambda s: len(s.item)
+            self._send_submissions,
+            max_items=SUBMIT_BATCH_MAX,
+            size=lambda s: len(s.item) + 1,
+            max_bytes=min(MAX_BATCH_BYTES, self.settings.max_message_bytes - 1024),
         )
         #: Correlation id of a batch message -> those of its tasks (a rejected batch fails all).
         self._batches: dict[str, list[str]] = {}

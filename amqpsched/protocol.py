@@ -13,7 +13,7 @@ import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, ValidationError
 
 from .errors import DecodeError
 
@@ -26,7 +26,18 @@ _CAPABILITY_RE = re.compile(CAPABILITY_PATTERN)
 
 Capability = Annotated[str, Field(pattern=CAPABILITY_PATTERN, description="Capability name.")]
 TaskId = Annotated[str, Field(pattern=TASK_ID_PATTERN, description="Task id.")]
-Version = Annotated[Literal[1], Field(description="Protocol version; always 1 here.")]
+
+
+def _an_int(value: Any) -> Any:
+    """JSON ``1.0`` and ``true`` equal 1 in Python, and pass ``Literal[1]``: not a version."""
+    if type(value) is not int:
+        raise ValueError("the protocol version is the integer 1")
+    return value
+
+
+Version = Annotated[
+    Literal[1], BeforeValidator(_an_int), Field(description="Protocol version; always 1 here.")
+]
 
 
 def is_capability_name(name: str) -> bool:
@@ -497,6 +508,11 @@ def _no_constants(name: str) -> Any:
 def decode(model: type[M], raw: bytes) -> M:
     """Decode ``raw`` as ``model``; raise :class:`DecodeError` with a reason a human can act on.
     Types are checked strictly: ``"5"`` is not a number and ``true`` is not 1."""
+    if b"NaN" not in raw and b"Infinity" not in raw:  # pydantic takes them, JSON does not
+        try:  # one parse when the body is good; the reason is found below when it is not
+            return model.model_validate_json(raw, strict=True)
+        except ValidationError:
+            pass
     try:
         data: Any = json.loads(raw, parse_constant=_no_constants)
     except (UnicodeDecodeError, ValueError) as exc:

@@ -150,6 +150,14 @@ def _failing_app() -> WorkerApp:
     async def notjson(p: Any) -> object:
         return object()
 
+    @app.capability("notutf8")
+    async def notutf8(p: Any) -> str:
+        return "half a pair: \ud800"  # a str, but not one UTF-8 can carry
+
+    @app.capability("notutf8boom")
+    async def notutf8boom(p: Any) -> None:
+        raise ValueError("undecodable \udcff byte")
+
     return app
 
 
@@ -157,7 +165,7 @@ async def test_handler_that_raises_is_handler_error_and_worker_survives(system: 
     await system.scheduler()
     app = _failing_app()
     app.include(builtin_app)
-    await system.worker("boom", "syncboom", "notjson", "echo", app=app)
+    await system.worker("boom", "syncboom", "notjson", "notutf8", "notutf8boom", "echo", app=app)
     client = await system.client()
     with pytest.raises(TaskFailed) as info:
         await client.call("boom", {"message": "it broke"}, timeout=10)
@@ -171,6 +179,16 @@ async def test_handler_that_raises_is_handler_error_and_worker_survives(system: 
     with pytest.raises(TaskFailed) as info:
         await client.call("notjson", 1, timeout=10)
     assert "not JSON" in info.value.error_message
+    # Strings that UTF-8 cannot encode (lone surrogates): a clear error, not a stuck task.
+    with pytest.raises(TaskFailed) as info:
+        await client.call("notutf8", 1, timeout=10)
+    assert info.value.error_type == "handler_error"
+    assert "JSON" in info.value.error_message
+    with pytest.raises(TaskFailed) as info:
+        await client.call("notutf8boom", 1, timeout=10)
+    assert info.value.error_type == "handler_error"
+    assert info.value.error_message.startswith("undecodable ")
+    assert info.value.detail["exception"] == "ValueError"
     assert await client.call("echo", "still alive", timeout=10) == "still alive"
 
 
@@ -314,6 +332,24 @@ async def test_too_large_body_is_answered_and_dead_lettered(system_factory: Any)
         assert len(dead.body) == len(body)
         client = await system.client()
         assert await client.call("echo", "small", timeout=10) == "small"
+    finally:
+        await system.close()
+
+
+async def test_concurrent_large_tasks_stay_under_a_low_message_limit(
+    system_factory: Any,
+) -> None:
+    """Submissions made at once travel in one batch message, but never one the scheduler would
+    refuse as too large: the client keeps its batches under the same setting."""
+    system: System = system_factory(max_message_bytes=200_000)
+    try:
+        await system.scheduler()
+        await system.worker("echo")
+        client = await system.client()
+        payloads = [f"{i}:" + "x" * 60_000 for i in range(12)]  # 720 KB in all
+        results = await asyncio.gather(*(client.call("echo", p, timeout=20) for p in payloads))
+        assert results == payloads
+        assert await system.dead_letters(0) == []
     finally:
         await system.close()
 

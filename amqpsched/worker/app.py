@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -67,13 +66,11 @@ def to_json(result: Any) -> JsonValue:
     if isinstance(result, BaseModel):
         return result.model_dump(mode="json")
     try:
-        value = _JSON.validate_python(result)
-        json.dumps(value)
-    except (ValidationError, TypeError, ValueError) as exc:
+        return _JSON.validate_python(result)  # encoded once, with the outcome
+    except ValidationError as exc:
         raise InvalidResult(
             f"handler returned {type(result).__name__}, which is not JSON serialisable"
         ) from exc
-    return value
 
 
 class WorkerApp:

@@ -20,6 +20,7 @@ from ..protocol import (
     ErrorInfo,
     ErrorType,
     Kind,
+    OutcomeEvent,
     StartedEvent,
     TaskBatch,
     TaskMessage,
@@ -169,13 +170,14 @@ class Execution(Reporting):
         started: _StartNotice,
     ) -> ErrorInfo | None:
         """Run the handler once and report; return the attempt's error, if any."""
-        result: Any = None
+        built: tuple[OutcomeEvent, bytes] | None = None
         error: ErrorInfo | None = None
         limit = task.time_limit or handler.time_limit
         clock = time.monotonic()
         try:
             payload = handler.parse(task.payload)
             result = to_json(await self._run(task.task_id, handler, payload, limit, hold))
+            built = self._outcome(task, started_at, None, result)
         except InvalidPayload as exc:
             error = _error(ErrorType.INVALID_PAYLOAD, str(exc))
         except InvalidResult as exc:
@@ -194,9 +196,10 @@ class Execution(Reporting):
         started.cancel()  # finished before `started` was due: the outcome tells it all
         self.executed += 1
         self.metrics.execution_of(task.capability).observe(time.monotonic() - clock)
-        if error is None:
-            await self._report(delivery, task, started_at, None, result)
+        if built is not None:
+            await self._report(delivery, task, started_at, None, built)
             return None
+        assert error is not None
         policy = task.retry.apply(handler.retry) if task.retry else handler.retry
         now = time.time()
         delay_ms = None
@@ -295,7 +298,19 @@ class _Hold:
 def _error(kind: ErrorType, message: str, exc: BaseException | None = None) -> ErrorInfo:
     return ErrorInfo(
         type=kind,
-        message=message[:4000],
-        exception=type(exc).__name__ if exc is not None else None,
-        traceback="".join(traceback.format_exception(exc))[-8000:] if exc is not None else None,
+        message=_utf8(message[:4000]),
+        exception=_utf8(type(exc).__name__) if exc is not None else None,
+        traceback=_utf8("".join(traceback.format_exception(exc))[-8000:])
+        if exc is not None
+        else None,
     )
+
+
+def _utf8(text: str) -> str:
+    """``text`` as UTF-8 can carry it: a lone surrogate (from bytes decoded with
+    ``surrogateescape``, say) becomes ``\\udcff``, so the outcome can be encoded."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode(errors="backslashreplace").decode()
+    return text

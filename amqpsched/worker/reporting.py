@@ -12,6 +12,7 @@ from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, AbstractRobustConnection
+from pydantic_core import PydanticSerializationError
 
 from .. import tracing, transport
 from ..batching import Coalescer, batch_body
@@ -31,7 +32,7 @@ from ..protocol import (
 )
 from ..settings import Settings
 from ..topology import DELAY_HEADER, Topology
-from .app import Handler
+from .app import Handler, InvalidResult
 from .delivery import Delivery
 from .direct import Heartbeats, answers_directly
 from .slots import Slots
@@ -217,14 +218,15 @@ class Reporting:
             delay_ms / 1000,
         )
 
-    async def _report(
+    def _outcome(
         self,
-        delivery: Delivery,
         task: TaskMessage,
         started_at: float | None,
         error: ErrorInfo | None,
         result: Any = None,
-    ) -> None:
+    ) -> tuple[OutcomeEvent, bytes]:
+        """The outcome of an attempt, and its body. Raise :class:`InvalidResult` if ``result``
+        cannot be encoded (a string holding a lone surrogate, which UTF-8 cannot carry)."""
         outcome = OutcomeEvent.model_construct(  # built here from checked parts: no validation
             task_id=task.task_id,
             capability=task.capability,
@@ -239,13 +241,29 @@ class Reporting:
             started_at=started_at,
             finished_at=time.time(),
         )
+        try:
+            return outcome, encode(outcome)
+        except PydanticSerializationError as exc:
+            raise InvalidResult(f"handler returned a value that is not JSON: {exc}") from None
+
+    async def _report(
+        self,
+        delivery: Delivery,
+        task: TaskMessage,
+        started_at: float | None,
+        error: ErrorInfo | None,
+        built: tuple[OutcomeEvent, bytes] | None = None,
+    ) -> None:
+        """Send the outcome (``built`` by :meth:`_outcome`, or built here from ``error``), then
+        settle the task."""
+        outcome, body = built if built is not None else self._outcome(task, started_at, error)
         # The outcome is confirmed by the broker before the task is acked: never lost.
         # Whether it also answers the client is decided when it is sent (answers_directly); a
         # redelivered task never does, and the delivery is known only here.
         redelivered = bool(delivery.message.redelivered)
         direct = None if redelivered or self._replies is None else task
         traceparent = tracing.current_traceparent()
-        await self._outcomes.add((outcome, traceparent, encode(outcome), direct, redelivered))
+        await self._outcomes.add((outcome, traceparent, body, direct, redelivered))
         await delivery.settle()
         self.metrics.finished(
             task.capability, error.type.value if error else Status.SUCCEEDED.value
