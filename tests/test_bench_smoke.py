@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.hops import bursts
+
 from .conftest import ROOT
 
 pytestmark = pytest.mark.system
@@ -84,4 +86,13 @@ def test_bench_hops_reports_a_quorum_and_a_classic_hop_and_the_floor(amqp_url: s
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "quorum" in proc.stdout and "classic" in proc.stdout
     assert "floor of the sequential ratio" in proc.stdout
+    assert "quorum hops back to back" in proc.stdout
+    assert "classic hops back to back" in proc.stdout
     assert "cancelled by the broker" not in proc.stdout + proc.stderr
+
+
+def test_slow_hops_are_grouped_into_bursts() -> None:
+    timed = [(0.0, 900.0), (1.0, 6000.0), (1.2, 9000.0), (1.3, 800.0), (1.6, 7000.0)]
+    timed += [(2.5, 30000.0), (4.0, 1000.0), (4.1, 5000.0), (4.2, 5001.0)]
+    assert bursts(timed, 5000.0, 0.5) == [[1.0, 1.2, 1.6], [2.5], [4.2]]
+    assert bursts(timed, 50000.0, 0.5) == []
