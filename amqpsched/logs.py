@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -31,21 +29,32 @@ def current() -> TaskContext | None:
     return _context.get()
 
 
-@contextmanager
+class _Scope:
+    """Sets the task context for a ``with`` block (a class: cheaper than a generator, and the
+    worker enters one per task)."""
+
+    __slots__ = ("_ctx", "_token")
+
+    def __init__(self, ctx: TaskContext) -> None:
+        self._ctx = ctx
+
+    def __enter__(self) -> TaskContext:
+        self._token = _context.set(self._ctx)
+        return self._ctx
+
+    def __exit__(self, *exc: object) -> None:
+        _context.reset(self._token)
+
+
 def task_context(
     task_id: str,
     capability: str | None = None,
     attempt: int | None = None,
     worker_id: str | None = None,
     traceparent: str | None = None,
-) -> Iterator[TaskContext]:
+) -> _Scope:
     """Log lines emitted inside carry this task (one context variable set and reset)."""
-    ctx = TaskContext(task_id, capability, attempt, worker_id, traceparent)
-    token = _context.set(ctx)
-    try:
-        yield ctx
-    finally:
-        _context.reset(token)
+    return _Scope(TaskContext(task_id, capability, attempt, worker_id, traceparent))
 
 
 def context_fields(ctx: TaskContext | None) -> dict[str, Any]:

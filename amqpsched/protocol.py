@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from enum import StrEnum
+from enum import Enum, StrEnum
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, ValidationError
@@ -397,7 +397,8 @@ class OutcomeEvent(_Reply):
 
 def answer_of(outcome: OutcomeEvent) -> Answer:
     """The answer an ``outcome`` stands for: what a client that takes direct answers reads."""
-    return Answer.model_construct(
+    return construct(
+        Answer,
         task_id=outcome.task_id,
         status=outcome.status,
         capability=outcome.capability,
@@ -487,6 +488,58 @@ SCHEMA_MODELS: dict[str, type[BaseModel]] = {
     "cancel_notice": CancelNotice,
     "worker_announcement": WorkerAnnouncement,
 }
+
+
+_Plan = tuple[frozenset[str], dict[str, Any]]
+_PLANS: dict[type[BaseModel], _Plan | None] = {}
+#: Defaults shared by every instance as they are (model_construct copies others).
+_CONSTANTS = (type(None), bool, int, float, str, bytes, Enum)
+
+
+def _plan(cls: type[BaseModel]) -> _Plan | None:
+    """What :func:`construct` needs of ``cls``: the fields with no constant default (required,
+    made by a factory, or mutable); every field in order with its default. None if
+    ``cls`` needs what only ``model_construct`` does (aliases, extra fields kept, a post-init,
+    a root model)."""
+    if cls.__pydantic_post_init__ or cls.__pydantic_root_model__:
+        return None
+    if cls.model_config.get("extra") == "allow":
+        return None
+    template: dict[str, Any] = {}
+    needed = set()
+    for name, field in cls.model_fields.items():
+        if field.alias not in (None, name) or field.validation_alias is not None:
+            return None
+        if field.is_required() or not isinstance(field.default, _CONSTANTS):
+            needed.add(name)
+            template[name] = None
+        else:
+            template[name] = field.default
+    return frozenset(needed), template
+
+
+def construct(cls: type[M], **values: Any) -> M:
+    """``cls.model_construct(**values)``, a few times faster: for messages built on the hot
+    path from parts already checked (no validation). A field not given takes its default; in
+    the cases this does not cover (a default factory, an unknown name), it is
+    ``model_construct`` itself."""
+    try:
+        plan = _PLANS[cls]
+    except KeyError:
+        plan = _PLANS[cls] = _plan(cls)
+    if plan is None:
+        return cls.model_construct(**values)
+    needed, template = plan
+    fields = template.copy()
+    fields.update(values)  # keys keep the fields' order
+    if len(fields) != len(template) or not values.keys() >= needed:  # unknown or missing
+        return cls.model_construct(**values)
+    model = cls.__new__(cls)
+    object.__setattr__(model, "__dict__", fields)
+    object.__setattr__(model, "__pydantic_fields_set__", set(values))
+    object.__setattr__(model, "__pydantic_extra__", None)
+    object.__setattr__(model, "__pydantic_private__", None)
+    return model
 
 
 def encode(model: BaseModel) -> bytes:

@@ -28,6 +28,7 @@ from ..protocol import (
     TaskQuery,
     TaskState,
     accepts,
+    construct,
     decode,
     encode,
 )
@@ -255,7 +256,8 @@ class Requests(Answering):
             kind=tracing.PRODUCER,
             attributes={"amqpsched.task_id": task_id, "amqpsched.capability": req.capability},
         ) as span:
-            task = TaskMessage.model_construct(
+            task = construct(
+                TaskMessage,
                 task_id=task_id,
                 capability=req.capability,
                 payload=req.payload,

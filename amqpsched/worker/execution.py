@@ -235,6 +235,8 @@ class Execution(Reporting):
             assert current is not None
             self._handler_tasks[task_id] = current
             try:
+                if limit is None:  # no Timeout object for the many tasks without a limit
+                    return await cast(Awaitable[Any], handler.func(payload))
                 async with asyncio.timeout(limit):
                     return await cast(Awaitable[Any], handler.func(payload))
             finally:

@@ -28,6 +28,7 @@ from ..protocol import (
     StartedEvent,
     Status,
     TaskMessage,
+    construct,
     encode,
 )
 from ..settings import Settings
@@ -227,7 +228,8 @@ class Reporting:
     ) -> tuple[OutcomeEvent, bytes]:
         """The outcome of an attempt, and its body. Raise :class:`InvalidResult` if ``result``
         cannot be encoded (a string holding a lone surrogate, which UTF-8 cannot carry)."""
-        outcome = OutcomeEvent.model_construct(  # built here from checked parts: no validation
+        outcome = construct(  # built here from checked parts: no validation
+            OutcomeEvent,
             task_id=task.task_id,
             capability=task.capability,
             attempt=task.attempt,
