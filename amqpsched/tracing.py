@@ -37,8 +37,21 @@ _ZERO_SPAN = "0" * 16
 PRODUCER, CONSUMER, INTERNAL = "producer", "consumer", "internal"
 
 
+#: The last traceparent found valid: the tasks of a batch often share one.
+_last_valid: list[str | None] = [None]
+
+
 def valid(value: Any) -> str | None:
     """``value`` if it is a well-formed W3C traceparent (version 00 or a later one), else None."""
+    if value is not None and value == _last_valid[0]:
+        return _last_valid[0]
+    checked = _valid(value)
+    if checked is not None and checked == value:
+        _last_valid[0] = checked
+    return checked
+
+
+def _valid(value: Any) -> str | None:
     if isinstance(value, bytes):
         try:
             value = value.decode("ascii")

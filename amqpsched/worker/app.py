@@ -6,6 +6,7 @@ import importlib
 import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, JsonValue, TypeAdapter, ValidationError
@@ -36,7 +37,7 @@ class Handler:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     time_limit: float | None = None
 
-    @property
+    @cached_property
     def is_async(self) -> bool:
         return inspect.iscoroutinefunction(self.func)
 
