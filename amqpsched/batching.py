@@ -13,11 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 K = TypeVar("K")
+
+log = logging.getLogger("amqpsched.batching")
+
+#: Called once with what became of something awaited: None (done), or its error.
+Done = Callable[[BaseException | None], None]
 
 #: Most bytes of items in one send (one item larger than this goes alone). 64 KiB tasks at
 #: 64 in flight: 1 MiB batches ran 1.5 times the tasks/s of 256 KiB ones, with half the
@@ -37,6 +43,63 @@ def batch_body(key: bytes, encoded: list[bytes], traceparents: list[str | None])
         + json.dumps(traceparents).encode()
         + b"}"
     )
+
+
+def error_of(fut: asyncio.Future[Any]) -> BaseException | None:
+    """What became of a done future, as a :data:`Done` callback takes it."""
+    return asyncio.CancelledError() if fut.cancelled() else fut.exception()
+
+
+def follow(fut: asyncio.Future[Any], done: Done) -> None:
+    """Call ``done`` once ``fut`` is done."""
+    fut.add_done_callback(lambda f: done(error_of(f)))
+
+
+def _call(done: Done, exc: BaseException | None) -> None:
+    try:
+        done(exc)
+    except Exception:  # one item's bookkeeping must not keep the others' from running
+        log.exception("a completion callback failed")
+
+
+class Countdown:
+    """One future for many things awaited, without a future or a callback turn of the loop for
+    each: :meth:`add` hands out the :data:`Done` callback of one more. The future is done once
+    :meth:`seal` was called and every callback was, with the first error if any failed (like
+    ``asyncio.gather(..., return_exceptions=True)`` then raising it: none is left running when
+    it raises). The hot path of a batch: its tasks' dispatches, its outcomes' answers."""
+
+    def __init__(self) -> None:
+        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._left = 0
+        self._sealed = False
+        self._error: BaseException | None = None
+
+    def add(self) -> Done:
+        self._left += 1
+        return self._done
+
+    def _done(self, exc: BaseException | None) -> None:
+        self._left -= 1
+        if exc is not None and self._error is None:
+            self._error = exc
+        self._settle()
+
+    def seal(self) -> asyncio.Future[None]:
+        """No more will be added; the future, done once every one added is."""
+        self._sealed = True
+        self._settle()
+        return self.future
+
+    def _settle(self) -> None:
+        if not self._sealed or self._left > 0 or self.future.done():
+            return
+        if self._error is None:
+            self.future.set_result(None)
+        elif isinstance(self._error, asyncio.CancelledError):
+            self.future.cancel()
+        else:
+            self.future.set_exception(self._error)
 
 
 class Coalescer(Generic[T]):
@@ -64,7 +127,7 @@ class Coalescer(Generic[T]):
         self._size = size
         self.max_bytes = max_bytes
         self._on_idle = on_idle
-        self._items: list[tuple[T, asyncio.Future[None]]] = []
+        self._items: list[tuple[T, asyncio.Future[None] | Done]] = []
         self._sends = 0
         self._scheduled = False
         self._tasks: set[asyncio.Future[None]] = set()
@@ -84,6 +147,12 @@ class Coalescer(Generic[T]):
         self._items.append((item, fut))
         self._kick()
         return fut
+
+    def add_then(self, item: T, done: Done) -> None:
+        """Queue ``item``; ``done`` is called once the send that carried it returned (no future
+        for it, and no turn of the loop: called by the send's own task)."""
+        self._items.append((item, done))
+        self._kick()
 
     def _kick(self) -> None:
         if self._items and not self._scheduled and self._sends < self.max_sends:
@@ -111,22 +180,29 @@ class Coalescer(Generic[T]):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _deliver(self, batch: list[tuple[T, asyncio.Future[None]]]) -> None:
+    async def _deliver(self, batch: list[tuple[T, asyncio.Future[None] | Done]]) -> None:
         self.sends += 1
         try:
             await self._send([item for item, _ in batch])
-        except asyncio.CancelledError:
-            for _, fut in batch:
-                fut.cancel()
+        except asyncio.CancelledError as exc:
+            for _, done in batch:
+                if isinstance(done, asyncio.Future):
+                    done.cancel()
+                else:
+                    _call(done, exc)
             raise
         except Exception as exc:
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(exc)
+            for _, done in batch:
+                if not isinstance(done, asyncio.Future):
+                    _call(done, exc)
+                elif not done.done():
+                    done.set_exception(exc)
         else:
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_result(None)
+            for _, done in batch:
+                if not isinstance(done, asyncio.Future):
+                    _call(done, None)
+                elif not done.done():
+                    done.set_result(None)
         finally:
             self._sends -= 1
             self._kick()
@@ -175,12 +251,26 @@ class KeyedCoalescer(Generic[K, T]):
         await self.add_nowait(key, item, max_items)
 
     def add_nowait(self, key: K, item: T, max_items: int | None = None) -> asyncio.Future[None]:
+        return self._of(key, max_items).add_nowait(item)
+
+    def add_then(self, key: K, item: T, done: Done, max_items: int | None = None) -> None:
+        self._of(key, max_items).add_then(item, done)
+
+    def _of(self, key: K, max_items: int | None) -> Coalescer[T]:
         coalescer = self._by_key.get(key)
         if coalescer is None:
             coalescer = self._by_key[key] = self._make(key)
         if max_items is not None:
             coalescer.max_items = max(1, max_items)
-        return coalescer.add_nowait(item)
+        return coalescer
 
 
-__all__ = ["Coalescer", "KeyedCoalescer", "batch_body"]
+__all__ = [
+    "Coalescer",
+    "Countdown",
+    "Done",
+    "KeyedCoalescer",
+    "batch_body",
+    "error_of",
+    "follow",
+]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import pytest
 
-from amqpsched.batching import Coalescer, KeyedCoalescer, batch_body
+from amqpsched.batching import Coalescer, Countdown, KeyedCoalescer, batch_body
 from amqpsched.protocol import (
     BATCH_FEATURE,
     Answer,
@@ -117,6 +118,54 @@ async def test_a_failed_send_fails_each_of_its_items_and_not_others() -> None:
     send.fail = False
     await asyncio.wait_for(coalescer.add(9), WAIT)
     assert send.batches[-1] == [9]
+
+
+async def test_callbacks_of_a_send_are_called_with_its_fate_and_a_countdown_waits_for_all() -> None:
+    """A batch's items waited for by one countdown: it is done once every send that carried
+    one returned, and fails with a failed send's error, after the others are done too."""
+    batches: list[list[int]] = []
+    second_sent = asyncio.Event()
+
+    async def send(items: list[int]) -> None:
+        batches.append(items)
+        if 0 in items:
+            await asyncio.wait_for(second_sent.wait(), WAIT)  # fails last
+            raise RuntimeError("broker said no")
+        second_sent.set()
+
+    coalescer = Coalescer(send, max_items=2, max_sends=2)
+    countdown = Countdown()
+    fates: dict[int, BaseException | None] = {}
+
+    def done_of(i: int, done: Callable[[BaseException | None], None]) -> Callable[..., None]:
+        def done_i(exc: BaseException | None) -> None:
+            fates[i] = exc
+            done(exc)
+
+        return done_i
+
+    for i in range(4):
+        coalescer.add_then(i, done_of(i, countdown.add()))
+    with pytest.raises(RuntimeError, match="broker said no"):
+        await asyncio.wait_for(countdown.seal(), WAIT)
+    assert batches == [[0, 1], [2, 3]]
+    assert isinstance(fates[0], RuntimeError) and isinstance(fates[1], RuntimeError)
+    assert fates[2] is None and fates[3] is None, "each item learns its own send's fate"
+    empty = Countdown()
+    await asyncio.wait_for(empty.seal(), WAIT)  # nothing to wait for: done at once
+
+
+async def test_a_countdown_is_not_done_before_it_is_sealed() -> None:
+    countdown = Countdown()
+    done = countdown.add()
+    done(None)
+    await asyncio.sleep(0)
+    assert not countdown.future.done(), "more may be added until it is sealed"
+    late = countdown.add()
+    countdown.seal()
+    assert not countdown.future.done()
+    late(None)
+    await asyncio.wait_for(countdown.future, WAIT)
 
 
 async def test_keyed_coalescers_batch_per_key_and_are_dropped_when_idle() -> None:

@@ -183,7 +183,7 @@ async def test_a_redelivered_outcome_waits_for_the_journal_before_answering(
     answered: list[str] = []
     finish = scheduler._finish_nowait
 
-    def counted(record: TaskRecord, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+    def counted(record: TaskRecord, *args: Any, **kwargs: Any) -> asyncio.Future[Any] | None:
         answered.append(record.task_id)
         return finish(record, *args, **kwargs)
 

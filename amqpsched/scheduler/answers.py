@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from .. import transport
+from ..batching import Countdown, follow
 from ..errors import AmqpschedError, BrokerError
 from ..protocol import (
     Answer,
@@ -23,7 +24,6 @@ from .base import (
     SYNC_POLL,
     SYNC_TIMEOUT,
     UNSURE_MARGIN,
-    chain_future,
     log_failure,
 )
 from .journal import replay
@@ -148,7 +148,9 @@ class Answering(Paging):
 
     async def _finish(self, record: TaskRecord, answer: Answer, now: float) -> None:
         """Send the one final answer to the submitter and every watcher, then remember it."""
-        await self._finish_nowait(record, answer, now)
+        done = self._finish_nowait(record, answer, now)
+        assert done is not None  # no countdown given: its own future
+        await done
 
     def _finish_nowait(
         self,
@@ -156,9 +158,15 @@ class Answering(Paging):
         answer: Answer,
         now: float,
         direct: tuple[str, str] | None = None,
-    ) -> asyncio.Future[Any]:
+        countdown: Countdown | None = None,
+    ) -> asyncio.Future[Any] | None:
         """``direct``: the (reply-to, correlation id) the worker answered itself; the answer is
-        journaled, and sent to the others."""
+        journaled, and sent to the others. Returns the future done once the answer is
+        confirmed; with ``countdown`` (a batch's answers), None: the countdown waits for it."""
+        own = countdown is None
+        if countdown is None:
+            countdown = Countdown()
+        finished = countdown.add()
         targets = [(record.reply_to, record.correlation_id), *record.watchers]
         targets = [t for t in targets if t[0] and t != direct]
         state, watchers, task = record.state, list(record.watchers), record.task
@@ -174,42 +182,38 @@ class Answering(Paging):
         # leader moving). Refused: sent again on its own, then journaled on its own; late:
         # journaled on its own too (see sweep); neither: the journal tells whether it went out.
         batch_reply = record.batch_reply and direct is None
-        sent = self.outbox.answer_nowait(targets, answer, record.traceparent, batch_reply)
-        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        record.answering = done
+        # Not final until confirmed: shared with the batch's other answers (it waits for them).
+        answering = record.answering = countdown.future
         self._answering[record.task_id] = (now, answer)
 
-        def published(fut: asyncio.Future[Any]) -> None:
-            exc = None if fut.cancelled() else fut.exception()
-            if exc is not None and transport.refused(exc):
-                self._refused()
-                resent = asyncio.ensure_future(self._resend(targets, answer, record))
-                resent.add_done_callback(lambda r: chain_future(r, done))
-                return
-            chain_future(fut, done)
-
-        def answered(fut: asyncio.Future[Any]) -> None:
+        def answered(exc: BaseException | None) -> None:
             self._answering.pop(record.task_id, None)
-            if record.answering is fut:
+            if record.answering is answering:
                 record.answering = None
-            if fut.cancelled() or fut.exception() is not None:
+            if exc is not None:
                 self.store.reopen(record, state, watchers)  # the redelivery will answer it
                 record.task = task
-                exc = None if fut.cancelled() else fut.exception()
-                if exc is None or not transport.refused(exc):
+                if isinstance(exc, asyncio.CancelledError) or not transport.refused(exc):
                     # It may have gone out: the journal is asked before it is sent again.
                     self._unsure[record.task_id] = time.time()
                     self._check_unsure_soon()
-                return
-            outcome = answer.error.type.value if answer.error else answer.status.value
-            counters = self.metrics.of(record.capability)
-            counters.finished(outcome).inc()
-            if record.submitted_at:
-                counters.end_to_end.observe(max(now - record.submitted_at, 0.0))
+            else:
+                outcome = answer.error.type.value if answer.error else answer.status.value
+                counters = self.metrics.of(record.capability)
+                counters.finished(outcome).inc()
+                if record.submitted_at:
+                    counters.end_to_end.observe(max(now - record.submitted_at, 0.0))
+            finished(exc)
 
-        sent.add_done_callback(published)
-        done.add_done_callback(answered)
-        return done
+        def published(exc: BaseException | None) -> None:
+            if exc is not None and transport.refused(exc):
+                self._refused()
+                follow(asyncio.ensure_future(self._resend(targets, answer, record)), answered)
+            else:
+                answered(exc)
+
+        self.outbox.answer_then(targets, answer, published, record.traceparent, batch_reply)
+        return countdown.seal() if own else None
 
     async def _resend(
         self, targets: list[tuple[str, str]], answer: Answer, record: TaskRecord

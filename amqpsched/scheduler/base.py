@@ -41,18 +41,6 @@ async def wait_all(pending: list[asyncio.Future[Any]]) -> None:
         raise failed[0]
 
 
-def chain_future(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> None:
-    """Settle ``target`` as ``source`` was settled."""
-    if target.done():
-        return
-    if source.cancelled():
-        target.cancel()
-    elif (exc := source.exception()) is not None:
-        target.set_exception(exc)
-    else:
-        target.set_result(source.result())
-
-
 def log_failure(fut: asyncio.Future[None]) -> None:
     if not fut.cancelled() and fut.exception() is not None:
         log.warning("could not send an answer: %s", fut.exception())

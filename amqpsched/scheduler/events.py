@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from .. import logs, tracing, transport
+from ..batching import Countdown
 from ..errors import AmqpschedError, DecodeError
 from ..protocol import (
     DIRECT_HEADER,
@@ -125,11 +126,14 @@ class Events(Answering):
         self.metrics.tasks_per_message.labels("outcome").observe(len(batch.events))
         parents = batch.traceparents + [None] * (len(batch.events) - len(batch.traceparents))
         again = redelivered(msg)
+        countdown = Countdown()  # their answers: one future for all
         pending = [
             done
             for ev, parent in zip(batch.events, parents, strict=False)
-            if (done := self._outcome(ev, tracing.valid(parent), False, again)) is not None
+            if (done := self._outcome(ev, tracing.valid(parent), False, again, countdown))
+            is not None
         ]
+        pending.append(countdown.seal())
         await wait_all(pending)
         await transport.settle(msg)
 
@@ -139,10 +143,12 @@ class Events(Answering):
         traceparent: str | None,
         direct: bool = False,
         redelivered: bool = False,
+        countdown: Countdown | None = None,
     ) -> asyncio.Future[Any] | None:
         """Answer the task of an outcome; the future is done once the answer is confirmed.
         ``direct``: its submitter has it already (from the worker): journal it, answer others.
-        ``redelivered``: it was delivered before, maybe to another scheduler."""
+        ``redelivered``: it was delivered before, maybe to another scheduler. ``countdown``:
+        the answer is waited for there, when it is sent now (then no future)."""
         record = self.store.get(ev.task_id)
         if record is not None and record.answering is not None:
             # Answered, but not confirmed yet (a broker restart may be under way): this outcome
@@ -198,7 +204,7 @@ class Events(Answering):
             ):
                 log.debug("task %s %s on %s", ev.task_id, ev.status.value, ev.worker_id)
         answered = (ev.reply_to, ev.correlation_id) if direct else None
-        return self._finish_nowait(record, answer, time.time(), direct=answered)
+        return self._finish_nowait(record, answer, time.time(), answered, countdown)
 
     async def _outcome_after(
         self,

@@ -14,7 +14,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange
 from prometheus_client import Counter, Histogram
 
 from .. import tracing, transport
-from ..batching import Coalescer, KeyedCoalescer, batch_body
+from ..batching import Coalescer, Countdown, Done, KeyedCoalescer, batch_body, follow
 from ..errors import BrokerError
 from ..protocol import (
     Answer,
@@ -154,25 +154,34 @@ class Outbox:
         traceparent: str | None = None,
         batch_reply: bool = False,
     ) -> None:
-        await self.answer_nowait(targets, answer, traceparent, batch_reply)
+        countdown = Countdown()
+        self.answer_then(targets, answer, countdown.add(), traceparent, batch_reply)
+        await countdown.seal()
 
-    def answer_nowait(
+    def answer_then(
         self,
         targets: list[tuple[str, str]],
         answer: Answer,
+        done: Done,
         traceparent: str | None = None,
         batch_reply: bool = False,
-    ) -> asyncio.Future[Any]:
+    ) -> None:
         """Send the final answer to every target and, by the same publish as the first target's,
         to the journal: an answer is journaled exactly when it is sent (with no target, it is
         only journaled). With ``batch_reply``,
         the first target takes ``answer_batch`` replies: answers to it ready at the same moment
-        go together. The future is done when the broker confirmed all of it."""
+        go together. ``done`` is called when the broker confirmed all of it, or with the error."""
         body = encode(answer)
         if len(targets) == 1 and batch_reply and not targets[0][0].startswith(DIRECT_REPLY_TO):
             reply_to, corr = targets[0]  # the common case: no task per answer
-            return self._answers.add_nowait(reply_to, (corr, body, traceparent))
-        return asyncio.ensure_future(self._answer_all(targets, body, traceparent, batch_reply))
+            self._answers.add_then(reply_to, (corr, body, traceparent), done)
+        elif not targets:  # its worker answered the client (section 16): only journaled
+            self._unsent.add_then((body, traceparent), done)
+        else:
+            follow(
+                asyncio.ensure_future(self._answer_all(targets, body, traceparent, batch_reply)),
+                done,
+            )
 
     async def _answer_all(
         self,
@@ -181,18 +190,17 @@ class Outbox:
         traceparent: str | None,
         batch_reply: bool,
     ) -> None:
-        first, rest = (targets[0], targets[1:]) if targets else (None, [])
+        """Send to at least one target (see :meth:`answer_then`)."""
+        first, rest = targets[0], targets[1:]
         sends = [self.send(r, c, Kind.ANSWER, body, traceparent) for r, c in rest]
-        if first is not None and not first[0].startswith(DIRECT_REPLY_TO):
+        if not first[0].startswith(DIRECT_REPLY_TO):
             if batch_reply:
                 sends.append(self._answers.add(first[0], (first[1], body, traceparent)))
             else:
                 sends.append(self._answer_journaled(first[0], first[1], body, traceparent))
-        elif first is not None:  # direct reply-to takes no BCC: journal it on its own
+        else:  # direct reply-to takes no BCC: journal it on its own
             sends.append(self.send(first[0], first[1], Kind.ANSWER, body, traceparent))
             sends.append(self._journal_alone(body, traceparent))
-        else:
-            sends.append(self._unsent.add((body, traceparent)))
         await asyncio.gather(*sends)
 
     async def _journal_unsent(self, unsent: list[tuple[bytes, str | None]]) -> None:
@@ -259,6 +267,17 @@ class Outbox:
         if self.topology.capability_declared(task.capability):
             return self._dispatch_declared(task, traceparent)
         return asyncio.ensure_future(self.dispatch(task, traceparent))
+
+    def dispatch_then(self, task: TaskMessage, traceparent: str | None, done: Done) -> None:
+        """:meth:`dispatch`; ``done`` is called once it is confirmed, or with the error. No
+        future for it once the capability's queue is declared and its workers take batches."""
+        if self.topology.capability_declared(task.capability):
+            limit = self._batch_limit(task.capability)
+            if limit > 1:
+                item = (task, traceparent, encode(task))
+                self._dispatches.add_then(task.capability, item, done, max_items=limit)
+                return
+        follow(self.dispatch_nowait(task, traceparent), done)
 
     def _dispatch_declared(
         self, task: TaskMessage, traceparent: str | None

@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from .. import tracing, transport
+from ..batching import Countdown
 from ..errors import AmqpschedError, DecodeError
 from ..protocol import (
     DIRECT_FEATURE,
@@ -159,6 +160,7 @@ class Requests(Answering):
         accepted = accepts(headers)
         batch_reply, direct = Kind.ANSWER_BATCH.value in accepted, DIRECT_FEATURE in accepted
         redelivered, replay = bool(msg.redelivered), bool(headers.get(transport.H_REPLAY))
+        countdown = Countdown()  # their dispatches: one future for all
         pending = []
         for item, timeout in zip(batch.tasks, timeouts, strict=True):
             done = self._accept(
@@ -171,9 +173,11 @@ class Requests(Answering):
                 replay=replay,
                 batch_reply=batch_reply,
                 direct=direct,
+                countdown=countdown,
             )
             if done is not None:
                 pending.append(done)
+        pending.append(countdown.seal())
         await wait_all(pending)
         await transport.settle(msg)
 
@@ -190,10 +194,12 @@ class Requests(Answering):
         batch_reply: bool,
         direct: bool,
         synced: bool = False,
+        countdown: Countdown | None = None,
     ) -> asyncio.Future[Any] | None:
         """Dispatch a submitted task, or, if it is known already, answer or watch it. Returns
         the future of what it caused, done once the broker confirmed it (None: nothing to wait
-        for). No task of its own per submission: the hot path of a batch."""
+        for, or a new task's dispatch, waited for by ``countdown`` if given). No task of its own
+        per submission: the hot path of a batch."""
 
         def again(synced: bool = synced) -> asyncio.Future[Any] | None:
             """This submission taken again, once what it waited for is done."""
@@ -272,7 +278,7 @@ class Requests(Answering):
                 direct=direct,
                 answer_batch=batch_reply,
             )
-            return self._dispatch_new(task, span.traceparent)
+            return self._dispatch_new(task, span.traceparent, countdown)
 
     async def _dispatch_room(self) -> None:
         """Wait until fewer than :data:`MAX_DISPATCHING` dispatches await their confirm.
@@ -312,32 +318,43 @@ class Requests(Answering):
         done.add_done_callback(dispatched)
         return done
 
-    def _dispatch_new(self, task: TaskMessage, traceparent: str | None) -> asyncio.Future[None]:
+    def _dispatch_new(
+        self, task: TaskMessage, traceparent: str | None, countdown: Countdown | None = None
+    ) -> asyncio.Future[None] | None:
+        """Dispatch a new task. Returns the future done once it is confirmed; with
+        ``countdown`` (a batch's tasks), None: the countdown waits for it."""
+        own = countdown is None
+        if countdown is None:
+            countdown = Countdown()
+        finished = countdown.add()
         record = TaskRecord.of(
             task, traceparent=traceparent, owner=self.scheduler_id, since=self._since()
         )
         self.store.add(record)
-        done = record.dispatching = self.outbox.dispatch_nowait(task, traceparent)
+        # A second submission of it waits for this one's (shared with the batch's others).
+        dispatching = record.dispatching = countdown.future
         self._dispatching += 1
 
-        def dispatched(fut: asyncio.Future[None]) -> None:
-            record.dispatching = None
+        def dispatched(exc: BaseException | None) -> None:
+            if record.dispatching is dispatching:
+                record.dispatching = None
             self._dispatching -= 1
             if self._dispatching < MAX_DISPATCHING:
                 self._dispatch_freed.set()
-            if fut.cancelled() or fut.exception() is not None:
+            if exc is not None:
                 if self.store.get(task.task_id) is record and not record.final:
                     self.store.forget(task.task_id)  # the redelivery starts afresh
-                return
-            if record.state == TaskState.QUEUED:
-                record.state = TaskState.DISPATCHED
-            self.store.cool_one(record)
-            counters = self.metrics.of(task.capability)
-            counters.submitted.inc()
-            counters.dispatched.inc()
+            else:
+                if record.state == TaskState.QUEUED:
+                    record.state = TaskState.DISPATCHED
+                self.store.cool_one(record)
+                counters = self.metrics.of(task.capability)
+                counters.submitted.inc()
+                counters.dispatched.inc()
+            finished(exc)
 
-        done.add_done_callback(dispatched)
-        return done
+        self.outbox.dispatch_then(task, traceparent, dispatched)
+        return countdown.seal() if own else None
 
     async def _query(self, kind: Kind, query: TaskQuery, reply_to: str, corr: str) -> None:
         record = await self._find(query.task_id)
