@@ -96,14 +96,21 @@ class Execution(Reporting):
             await delivery.settle(requeue=True)
             raise
         finally:
-            self._in_flight -= 1
-            if hold.thread is None:
-                self._slots.release()
-            else:  # a sync handler past its limit still occupies a thread: keep its slot
-                loop = asyncio.get_running_loop()
-                hold.thread.add_done_callback(
-                    lambda _: loop.call_soon_threadsafe(self._slots.release)
-                )
+            self._free(hold)
+
+    def _free(self, hold: _Hold) -> None:
+        """Free the task's slot (once): when its handler is done, not its report. The next
+        task runs while the outcome awaits its confirm, and outcomes ready together go
+        together (the ack still waits for the confirm)."""
+        if hold.freed:
+            return
+        hold.freed = True
+        self._in_flight -= 1
+        if hold.thread is None:
+            self._slots.release()
+        else:  # a sync handler past its limit still occupies a thread: keep its slot
+            loop = asyncio.get_running_loop()
+            hold.thread.add_done_callback(lambda _: loop.call_soon_threadsafe(self._slots.release))
 
     async def _execute(
         self, delivery: Delivery, task: TaskMessage, hold: _Hold, traceparent: str | None
@@ -194,6 +201,7 @@ class Execution(Reporting):
         except Exception as exc:
             error = _error(ErrorType.HANDLER_ERROR, str(exc) or repr(exc), exc)
         started.cancel()  # finished before `started` was due: the outcome tells it all
+        self._free(hold)
         self.executed += 1
         self.metrics.execution_of(task.capability).observe(time.monotonic() - clock)
         if built is not None:
@@ -292,9 +300,11 @@ class _StartNotice:
 
 
 class _Hold:
-    """The thread of a sync handler that outlived its attempt (time limit or cancel)."""
+    """The thread of a sync handler that outlived its attempt (time limit or cancel), and
+    whether the task's slot was freed."""
 
     thread: Future[Any] | None = None
+    freed: bool = False
 
 
 def _error(kind: ErrorType, message: str, exc: BaseException | None = None) -> ErrorInfo:
