@@ -123,6 +123,34 @@ def random_ids(count: int) -> list[str]:
     return [digits[i : i + 32] for i in range(0, 32 * count, 32)]
 
 
+def random_id() -> str:
+    """A random id of 32 hex digits, as ``uuid4().hex`` (without a UUID object: a seventh of
+    its cost)."""
+    return os.urandom(16).hex()
+
+
+async def _wait(fut: asyncio.Future[Any], timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for ``fut`` without cancelling it; whether it is done.
+    What ``wait_for(shield(fut), timeout)`` does, with one future and one timer instead of
+    four futures and their callbacks (a call's answer, on the hot path)."""
+    if fut.done():
+        return True
+    waiter = asyncio.get_running_loop().create_future()
+
+    def wake(_: object) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    fut.add_done_callback(wake)
+    timer = asyncio.get_running_loop().call_later(timeout, wake, None)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+        fut.remove_done_callback(wake)
+    return fut.done()
+
+
 def _submission_body(
     capability: str,
     payload: Any,
@@ -137,7 +165,7 @@ def _submission_body(
     body: dict[str, Any] = {
         "capability": capability,
         "payload": payload,
-        "task_id": task_id or uuid.uuid4().hex,
+        "task_id": task_id or random_id(),
     }
     if timeout is not None:
         body["timeout"] = timeout
@@ -170,13 +198,9 @@ class TaskHandle:
         wait = timeout if timeout is not None else self.timeout + ANSWER_GRACE
         if self._future is None:
             return await self.client.answer(self.task_id, timeout=wait)
-        try:
-            reply = await asyncio.wait_for(asyncio.shield(self._future), wait)
-        except TimeoutError:
-            raise TaskTimeout(
-                self.task_id, f"no answer for {self.task_id} in {wait:.1f}s"
-            ) from None
-        return reply.decoded_answer()
+        if not await _wait(self._future, wait):
+            raise TaskTimeout(self.task_id, f"no answer for {self.task_id} in {wait:.1f}s")
+        return self._future.result().decoded_answer()
 
     async def result(self, timeout: float | None = None) -> Any:
         return answer_value(await self.answer(timeout))
@@ -349,7 +373,7 @@ class Client:
     ) -> tuple[str, asyncio.Future[_Reply]]:
         if self._submit is None:
             raise AmqpschedError("client is not connected; use 'async with Client()'")
-        corr = correlation_id or uuid.uuid4().hex
+        corr = correlation_id or random_id()
         fut: asyncio.Future[_Reply] = asyncio.get_running_loop().create_future()
         self._pending[corr] = fut
         try:
@@ -410,7 +434,7 @@ class Client:
             )
             return
         body = b'{"v":%d,"tasks":[' % PROTOCOL_VERSION + b",".join(i.item for i in items) + b"]}"
-        corr = uuid.uuid4().hex
+        corr = random_id()
         self._batches[corr] = [item.correlation_id for item in items]
         try:
             await self._publish(Kind.SUBMIT_BATCH, body, corr, None, None)
@@ -554,11 +578,11 @@ class Client:
         ) as span:
             parent = span.traceparent
 
-        def submitted(corr: str, reply: asyncio.Future[_Reply], sent: asyncio.Future[None]) -> None:
-            if not reply.done() and (sent.cancelled() or sent.exception() is not None):
+        def submitted(corr: str, reply: asyncio.Future[_Reply], exc: BaseException | None) -> None:
+            if not reply.done() and exc is not None:
                 self._pending.pop(corr, None)
-                error = sent.exception() if not sent.cancelled() else None
-                reply.set_exception(error or BrokerError("submission cancelled"))
+                cancelled = isinstance(exc, asyncio.CancelledError)
+                reply.set_exception(BrokerError("submission cancelled") if cancelled else exc)
 
         def arrived(index: int, _reply: asyncio.Future[_Reply]) -> None:
             finished.put_nowait(index)
@@ -578,8 +602,9 @@ class Client:
                 self._pending[corr] = reply
                 futures[nxt] = reply
                 reply.add_done_callback(functools.partial(arrived, nxt))
-                sent = self._submits.add_nowait(_Submission.of(body, corr, parent))
-                sent.add_done_callback(functools.partial(submitted, corr, reply))
+                self._submits.add_then(
+                    _Submission.of(body, corr, parent), functools.partial(submitted, corr, reply)
+                )
                 nxt += 1
 
         def value(reply: asyncio.Future[_Reply]) -> Any:
