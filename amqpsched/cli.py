@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from .runtime import run, serve, setup_logging
+    from .runtime import WORKER_GC_THRESHOLDS, run, serve, setup_logging
 
     if args.command == "schema":
         from .schemas import check_or_write
@@ -138,7 +138,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             app.include(load_app(spec))
         registry = CollectorRegistry()
         worker = Worker(app, args.capability, settings, registry=registry)
-        run(serve(worker, settings, registry), settings)
+        run(serve(worker, settings, registry, WORKER_GC_THRESHOLDS), settings)
         return 0
     if args.command == "map":
         text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text("utf-8")

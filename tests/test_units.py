@@ -664,10 +664,12 @@ def test_started_notices_are_sent_in_order_once_due_and_never_once_discarded() -
 def test_a_started_service_freezes_what_exists_and_collects_less_often() -> None:
     import gc
 
-    from amqpsched.runtime import GC_THRESHOLDS, tune_gc
+    from amqpsched.runtime import GC_THRESHOLDS, WORKER_GC_THRESHOLDS, tune_gc
 
     before = gc.get_threshold()
     try:
+        tune_gc(WORKER_GC_THRESHOLDS)
+        assert gc.get_threshold() == WORKER_GC_THRESHOLDS
         tune_gc()
         assert gc.get_threshold() == GC_THRESHOLDS
         assert gc.get_freeze_count() > 0
