@@ -442,16 +442,22 @@ async def test_b_sigstopped_worker_is_declared_dead_and_its_late_results_fenced(
 
         # Re-dispatch is for tasks the scheduler knows are running there (a worker reports
         # `started` once an attempt has run 50 ms): stop it while one of them is.
-        async def one_known_running() -> bool:
+        async def one_known_running() -> str | None:
             for task_id in log.running([frozen.popen.pid]):
                 if (await client.status(task_id)).state == TaskState.RUNNING:
-                    return True
-            return False
+                    return task_id
+            return None
 
         async with asyncio.timeout(15):
-            while not await one_known_running():
-                await asyncio.sleep(0.01)
-        frozen.popen.send_signal(signal.SIGSTOP)
+            while True:
+                known = await one_known_running()
+                if known is None:
+                    await asyncio.sleep(0.01)
+                    continue
+                frozen.popen.send_signal(signal.SIGSTOP)
+                if known in log.running([frozen.popen.pid]):
+                    break  # stopped before that task ended: its outcome was not sent
+                frozen.popen.send_signal(signal.SIGCONT)  # it ended meanwhile: try again
         stopped_at = time.monotonic()
         try:
             in_hand = log.running([frozen.popen.pid])
