@@ -257,36 +257,29 @@ class Outbox:
         with other tasks of its capability dispatched at the same moment, when its workers take
         batches."""
         await self._ensure_capability(task.capability)
-        await self._dispatch_declared(task, traceparent)
+        await self.dispatch_nowait(task, traceparent)
 
     def dispatch_nowait(
         self, task: TaskMessage, traceparent: str | None = None
     ) -> asyncio.Future[None]:
-        """:meth:`dispatch`, as a future: no task of its own once the capability's queue is
-        declared (the hot path of a batch)."""
-        if self.topology.capability_declared(task.capability):
-            return self._dispatch_declared(task, traceparent)
-        return asyncio.ensure_future(self.dispatch(task, traceparent))
+        """:meth:`dispatch`, as a future."""
+        countdown = Countdown()
+        self.dispatch_then(task, traceparent, countdown.add())
+        return countdown.seal()
 
     def dispatch_then(self, task: TaskMessage, traceparent: str | None, done: Done) -> None:
-        """:meth:`dispatch`; ``done`` is called once it is confirmed, or with the error. No
-        future for it once the capability's queue is declared and its workers take batches."""
-        if self.topology.capability_declared(task.capability):
-            limit = self._batch_limit(task.capability)
-            if limit > 1:
-                item = (task, traceparent, encode(task))
-                self._dispatches.add_then(task.capability, item, done, max_items=limit)
-                return
-        follow(self.dispatch_nowait(task, traceparent), done)
-
-    def _dispatch_declared(
-        self, task: TaskMessage, traceparent: str | None
-    ) -> asyncio.Future[None]:
+        """:meth:`dispatch`; ``done`` is called once it is confirmed, or with the error. No task
+        of its own, nor a future, once the capability's queue is declared and its workers take
+        batches (the hot path of a batch)."""
+        if not self.topology.capability_declared(task.capability):
+            follow(asyncio.ensure_future(self.dispatch(task, traceparent)), done)
+            return
         item = (task, traceparent, encode(task))
         limit = self._batch_limit(task.capability)
         if limit > 1:
-            return self._dispatches.add_nowait(task.capability, item, max_items=limit)
-        return asyncio.ensure_future(self._send_dispatches(task.capability, [item]))
+            self._dispatches.add_then(task.capability, item, done, max_items=limit)
+        else:
+            follow(asyncio.ensure_future(self._send_dispatches(task.capability, [item])), done)
 
     async def _send_dispatches(self, capability: str, items: list[_Dispatch]) -> None:
         self._count("dispatch", len(items))
