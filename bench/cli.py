@@ -112,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
         "and a classic queue, and the floor it sets for the sequential ratio",
     )
     p.add_argument(
+        "--timeline",
+        action="store_true",
+        help="run only the timeline: a lone task's round trip cut into hops and turns, for "
+        "amqpsched and the raw aio-pika RPC (median of one task at a time)",
+    )
+    p.add_argument(
         "--scale-tasks", type=int, default=1_000_000, help="waiting tasks (default 1,000,000)"
     )
     p.add_argument(
@@ -129,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         from .hops import run_hops
 
         return asyncio.run(run_hops(args))
+    if args.timeline:
+        from .timeline import run_timeline
+
+        return asyncio.run(run_timeline(args))
     if args.scale:
         from .scale import run_scale
 

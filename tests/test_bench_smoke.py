@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench.hops import bursts
+from bench.timeline import Event, segments
 
 from .conftest import ROOT
 
@@ -96,3 +97,37 @@ def test_slow_hops_are_grouped_into_bursts() -> None:
     timed += [(2.5, 30000.0), (4.0, 1000.0), (4.1, 5000.0), (4.2, 5001.0)]
     assert bursts(timed, 5000.0, 0.5) == [[1.0, 1.2, 1.6], [2.5], [4.2]]
     assert bursts(timed, 50000.0, 0.5) == []
+
+
+@pytest.mark.timeout(120)
+def test_bench_timeline_cuts_both_round_trips_into_hops_and_turns(amqp_url: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--timeline", "--quick", "--amqp-url", amqp_url],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    for label in ("request hop", "server's turn", "submit hop", "dispatch hop", "worker's turn"):
+        line = next((x for x in lines if label in x), None)
+        assert line is not None, proc.stdout
+        assert float(line.split()[-2]) > 0, line  # a median, in µs
+    # Every task of each system was cut (one less than run: the last has no next publish).
+    assert "raw-aio-pika: 99 tasks" in proc.stdout and "amqpsched: 99 tasks" in proc.stdout
+
+
+def test_a_timeline_takes_each_step_after_the_one_before_and_skips_broken_chains() -> None:
+    def ev(us: int, op: str, exchange: str = "x") -> Event:
+        return Event(us * 1000, op, exchange, "")
+
+    events = {
+        "client": [ev(0, "pub"), ev(50, "dlv"), ev(100, "pub"), ev(190, "pub"), ev(300, "pub")],
+        # A delivery through another exchange (an outcome's copy, say) is not the request.
+        "server": [ev(5, "dlv", "other"), ev(20, "dlv"), ev(30, "pub"), ev(120, "dlv")],
+    }
+    chain = [("server", "dlv", "="), ("server", "pub", ""), ("client", "dlv", "")]
+    # The second task's chain breaks (no publish by the server): it is skipped.
+    assert segments(events, chain, since=0) == [[20.0, 10.0, 20.0, 50.0]]
+    assert segments(events, chain, since=1000) == []
