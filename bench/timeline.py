@@ -16,8 +16,8 @@ A hop is the broker's work and the wake-up of the receiving process; a turn is P
 process (aiormq, aio-pika and the system's own code). Hops are longer than ``--hops`` measures
 on an idle broker when the broker is still busy with what the previous task left (acks, the
 outcome's copy for the scheduler, journal writes). The hooks are aiormq's
-``Channel.basic_publish`` and ``Channel._on_deliver_frame`` (a private method: this is a bench
-tool, pinned to the aiormq the bench installs)."""
+``Channel.basic_publish`` and ``Channel._on_deliver_frame`` (a private method: should an
+aiormq release rename it, ``--timeline`` stops at start with an AttributeError)."""
 
 from __future__ import annotations
 
