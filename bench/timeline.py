@@ -146,9 +146,9 @@ async def _run_system(
     cls: type[System], ctx: Context, recorder: Recorder, tasks: int, out_dir: Path
 ) -> tuple[dict[str, list[Event]], int, System]:
     system = _traced(cls, out_dir)(ctx)
-    await system.start()
     call: Callable[[str], Awaitable[Any]] = system.call  # type: ignore[attr-defined]
     try:
+        await system.start()
         for _ in range(WARMUP):
             await call(PAYLOAD)
         since = time.time_ns()

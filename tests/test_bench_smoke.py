@@ -75,16 +75,22 @@ def test_bench_quick_writes_rows_of_the_documented_shape(amqp_url: str, tmp_path
     assert "tasks/s" in proc.stdout  # the table was printed
 
 
-@pytest.mark.timeout(120)
-def test_bench_hops_reports_a_quorum_and_a_classic_hop_and_the_floor(amqp_url: str) -> None:
+def _quick_run(mode: str, amqp_url: str) -> subprocess.CompletedProcess[str]:
+    """``python -m bench MODE --quick``, which must succeed."""
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--hops", "--quick", "--amqp-url", amqp_url],
+        [sys.executable, "-m", "bench", mode, "--quick", "--amqp-url", amqp_url],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=100,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+@pytest.mark.timeout(120)
+def test_bench_hops_reports_a_quorum_and_a_classic_hop_and_the_floor(amqp_url: str) -> None:
+    proc = _quick_run("--hops", amqp_url)
     assert "quorum" in proc.stdout and "classic" in proc.stdout
     assert "floor of the sequential ratio" in proc.stdout
     assert "quorum hops back to back" in proc.stdout
@@ -101,14 +107,7 @@ def test_slow_hops_are_grouped_into_bursts() -> None:
 
 @pytest.mark.timeout(120)
 def test_bench_timeline_cuts_both_round_trips_into_hops_and_turns(amqp_url: str) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--timeline", "--quick", "--amqp-url", amqp_url],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=100,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = _quick_run("--timeline", amqp_url)
     lines = proc.stdout.splitlines()
     for label in ("request hop", "server's turn", "submit hop", "dispatch hop", "worker's turn"):
         line = next((x for x in lines if label in x), None)
