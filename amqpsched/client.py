@@ -587,13 +587,14 @@ class Client:
         def arrived(index: int, _reply: asyncio.Future[_Reply]) -> None:
             finished.put_nowait(index)
 
-        def fill() -> None:
+        def fill(most: int = total) -> None:
+            """Submit up to ``most`` more, within the window."""
             nonlocal nxt
             if self._submit is None:
                 raise AmqpschedError("client is not connected; use 'async with Client()'")
-            count = min(total - nxt, window - len(futures))
+            count = min(total - nxt, window - len(futures), most)
             ids = random_ids(2 * count) if count > 0 else []
-            while nxt < total and len(futures) < window:
+            for _ in range(count):
                 task_id, corr = ids.pop(), ids.pop()
                 body = _submission_body(
                     capability, items[nxt], timeout=timeout, task_id=task_id, **options
@@ -622,7 +623,12 @@ class Client:
         out = 0  # next index to yield, when ordered
         completed: dict[int, asyncio.Future[_Reply]] = {}
         try:
-            fill()
+            # The first window a batch at a time, each let out while the next is built: the
+            # scheduler and the workers start on the first tasks at once.
+            fill(SUBMIT_BATCH_MAX)
+            while nxt < total and len(futures) < window:
+                await asyncio.sleep(0)
+                fill(SUBMIT_BATCH_MAX)
             while done < total:
                 if finished.empty():
                     try:
