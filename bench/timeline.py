@@ -174,13 +174,19 @@ def _collect(out_dir: Path) -> dict[str, list[Event]]:
 
 
 def _report(name: str, labels: list[str], rows: list[list[float]]) -> list[float]:
-    medians = [percentile(sorted(r[i] for r in rows), 0.5) for i in range(len(labels))]
+    columns = [sorted(r[i] for r in rows) for i in range(len(labels))]
+    medians = [percentile(c, 0.5) for c in columns]
     totals = sorted(sum(r) for r in rows)
-    print(f"  {name}: {len(rows)} tasks; median µs (p90)")
-    for i, label in enumerate(labels):
-        p90 = percentile(sorted(r[i] for r in rows), 0.9)
-        print(f"    {label:34} {medians[i]:7.0f}  ({p90:.0f})")
-    print(f"    {'round trip, publish to publish':34} {percentile(totals, 0.5):7.0f}")
+    print(f"  {name}: {len(rows)} tasks; µs: median (p90, p99)")
+    for label, column, median in zip(labels, columns, medians, strict=True):
+        print(
+            f"    {label:34} {median:7.0f}  ({percentile(column, 0.9):.0f}, "
+            f"{percentile(column, 0.99):.0f})"
+        )
+    print(
+        f"    {'round trip, publish to publish':34} {percentile(totals, 0.5):7.0f}  "
+        f"({percentile(totals, 0.9):.0f}, {percentile(totals, 0.99):.0f})"
+    )
     return medians
 
 
