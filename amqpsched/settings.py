@@ -189,7 +189,8 @@ class Settings(BaseSettings):
         default=True,
         description="The scheduler and workers, once started, freeze the objects made at start "
         "out of Python's cyclic garbage collector and run it less often (gen0 threshold "
-        "10,000): about a fifth of their CPU under load went to it (docs/benchmarks.md).",
+        "10,000 for the scheduler, 100,000 for workers): about a fifth of their CPU under load "
+        "went to it (docs/benchmarks.md).",
     )
     direct_answers: bool = Field(
         default=True,
