@@ -7,6 +7,7 @@ import asyncio
 import json
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from amqpsched import Client, TaskFailed, WorkerApp
@@ -125,3 +126,53 @@ async def test_any_client_may_send_a_batch_and_a_bad_one_is_refused_whole(
     dead = await system.dead_letters(2)
     reasons = sorted(str(m.headers["x-amqpsched-reason"]) for m in dead)
     assert reasons == ["invalid_fields", "timeout_too_large"]
+
+
+async def test_a_task_of_a_batch_runs_while_the_outcome_before_it_awaits_its_confirm(
+    system: System,
+) -> None:
+    """A task's slot is freed when its handler returns, not when its outcome is confirmed: with
+    one slot, the second task of a ``task_batch`` runs while the first one's outcome is held
+    before the broker (a slow confirm), and both are answered once it goes."""
+    app = WorkerApp()
+    ran: list[int] = []
+    second_ran = asyncio.Event()
+
+    @app.capability("step")
+    async def step(n: int) -> int:
+        ran.append(n)
+        if len(ran) == 2:
+            second_ran.set()
+        return n
+
+    scheduler = await system.scheduler()
+    worker = await system.worker("step", app=app, concurrency=1)
+    gate, held = asyncio.Event(), asyncio.Event()
+    publish = worker._publish
+
+    async def held_outcomes(exchange: Any, msg: Any, routing_key: str, **kw: Any) -> None:
+        if msg.type in ("outcome", "outcome_batch"):
+            held.set()
+            await gate.wait()
+        await publish(exchange, msg, routing_key, **kw)
+
+    worker._publish = held_outcomes  # type: ignore[method-assign]
+    client = await system.client()
+
+    async def both() -> list[int]:
+        return [n async for n in client.map("step", [1, 2])]
+
+    results = asyncio.ensure_future(both())
+    try:
+        await asyncio.wait_for(held.wait(), TIMEOUT)
+        count, tasks = messages(scheduler.metrics.registry, "dispatch")
+        assert (count, tasks) == (1, 2), "the two tasks must come in one task_batch"
+        try:
+            await asyncio.wait_for(second_ran.wait(), TIMEOUT)
+        except TimeoutError:
+            pytest.fail("the second task waited for the first one's outcome to be confirmed")
+        assert not results.done()  # nothing was answered: the first outcome is still held
+    finally:
+        gate.set()
+    assert await asyncio.wait_for(results, TIMEOUT) == [1, 2]
+    assert ran == [1, 2]
