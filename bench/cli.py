@@ -34,7 +34,7 @@ from .sys_amqpsched import Amqpsched, AmqpschedMap, AmqpschedNoDirect, Amqpsched
 from .sys_celery import CelerySystem
 from .sys_dramatiq import DramatiqSystem
 from .sys_raw import RawAioPika
-from .workloads import Row, Workload, payload_of, plan
+from .workloads import Measurement, Row, Workload, median_run, payload_of, plan
 
 SYSTEMS: dict[str, type[System]] = {
     cls.name: cls
@@ -305,8 +305,12 @@ async def _run_system(
                 sampler = _sampler(py_spy_dir, cls.name, system.roles())
             before = _sample(roles)
             t0 = time.perf_counter()
+            runs: list[Measurement] = []
             try:
-                m = await asyncio.wait_for(system.run(w, payload_of(w.payload_bytes)), cap)
+                for _ in range(w.runs):
+                    runs.append(
+                        await asyncio.wait_for(system.run(w, payload_of(w.payload_bytes)), cap)
+                    )
             finally:
                 if sampler is not None:
                     await sampler.stop()
@@ -316,9 +320,13 @@ async def _run_system(
                 summary = "\n".join(summarize(f) for f in sampler.files.values())
                 (py_spy_dir / f"{cls.name}-summary.txt").write_text(summary + "\n")
                 print(summary, flush=True)
-            row = Row.measured(cls.name, w, m)
+            row = Row.measured(cls.name, w, median_run(runs))
+            if len(runs) > 1:
+                rates = ", ".join(f"{m.tasks / m.elapsed:.0f}" for m in runs)
+                row.note = f"median of {len(runs)} runs: {rates} tasks/s"
             used = {role: after[role] - before[role] for role in after if role != _MACHINE}
-            row.cpu_us = {role: cpu / m.tasks * 1e6 for role, cpu in used.items()}
+            tasks = sum(m.tasks for m in runs)
+            row.cpu_us = {role: cpu / tasks * 1e6 for role, cpu in used.items()}
             # Cores busy with anything else on the machine: the noise this row was measured in.
             other = after[_MACHINE] - before[_MACHINE] - sum(used.values())
             row.other_cores = max(other, 0.0) / wall  # below 0: clock-tick rounding

@@ -13,6 +13,7 @@ import pytest
 
 from bench.hops import bursts
 from bench.timeline import Event, segments
+from bench.workloads import Measurement, median_run, plan
 
 from .conftest import ROOT
 
@@ -104,6 +105,15 @@ def test_slow_hops_are_grouped_into_bursts() -> None:
     timed += [(2.5, 30000.0), (4.0, 1000.0), (4.1, 5000.0), (4.2, 5001.0)]
     assert bursts(timed, 5000.0, 0.5) == [[1.0, 1.2, 1.6], [2.5], [4.2]]
     assert bursts(timed, 50000.0, 0.5) == []
+
+
+def test_a_repeated_workload_is_reported_by_its_median_run() -> None:
+    fast, middle, slow = Measurement(10, 1.0), Measurement(10, 2.0), Measurement(10, 4.0)
+    assert median_run([slow, fast, middle]) is middle
+    assert median_run([fast, slow]) is slow  # of two, the slower: never the best one
+    assert median_run([fast]) is fast
+    (full_map,) = [w for w in plan(quick=False) if w.name == "map"]
+    assert full_map.runs == 3
 
 
 @pytest.mark.timeout(120)
