@@ -9,15 +9,20 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import aio_pika.exceptions
 import pytest
 
 from amqpsched import NoWorkerAvailable, transport
+from amqpsched.batching import Done
+from amqpsched.errors import BrokerError
 from amqpsched.protocol import (
+    Answer,
     Kind,
     OutcomeEvent,
     Status,
     SubmitRequest,
     TaskMessage,
+    TaskState,
     answer_of,
     encode,
 )
@@ -280,3 +285,133 @@ async def test_redelivered_messages_at_once_share_a_journal_sync(system: System)
     await asyncio.wait_for(asyncio.gather(*(scheduler._synced() for _ in range(200))), TIMEOUT)
     await asyncio.wait_for(scheduler._synced(), TIMEOUT)  # one more, after them: its own
     assert scheduler._syncs_sent - before == 2
+
+
+def a_refusal() -> BrokerError:
+    """A publish the broker refused (nacked): some of its destinations did not take it."""
+    exc = BrokerError("publish refused (by the test)")
+    exc.__cause__ = aio_pika.exceptions.DeliveryError(None, None)  # type: ignore[arg-type]
+    return exc
+
+
+def refuse_answer(scheduler: Scheduler, task_id: str, *, publish: bool) -> None:
+    """The scheduler's first answer to ``task_id`` is refused (after it went out, if
+    ``publish``), and so is every resend of it on its own."""
+    answer_then = scheduler.outbox.answer_then
+    refused: list[str] = []
+
+    def refusing(
+        targets: list[tuple[str, str]],
+        answer: Answer,
+        done: Done,
+        traceparent: str | None = None,
+        batch_reply: bool = False,
+    ) -> None:
+        if answer.task_id != task_id or refused:
+            answer_then(targets, answer, done, traceparent, batch_reply)
+            return
+        refused.append(task_id)
+        if publish:
+            sent = lambda exc: done(exc or a_refusal())  # noqa: E731
+            answer_then(targets, answer, sent, traceparent, batch_reply)
+        else:
+            asyncio.get_running_loop().call_soon(done, a_refusal())
+
+    async def resend_refused(
+        targets: list[tuple[str, str]], answer: Answer, record: TaskRecord
+    ) -> None:
+        raise a_refusal()
+
+    scheduler.outbox.answer_then = refusing  # type: ignore[method-assign]
+    scheduler._resend = resend_refused  # type: ignore[method-assign]
+
+
+async def dispatched_here(scheduler: Scheduler, client: Any) -> tuple[Any, TaskRecord]:
+    """A task nobody takes, submitted with a long timeout; its record in ``scheduler``, which
+    runs its timers."""
+    handle = await client.submit("echo", {"n": 1}, timeout=30.0)
+    await wait_until(lambda: scheduler.store.get(handle.task_id) is not None)
+    record = scheduler.store.get(handle.task_id)
+    assert record is not None
+    record.owner = scheduler.scheduler_id
+    return handle, record
+
+
+def outcome_of(record: TaskRecord) -> OutcomeEvent:
+    now = time.time()
+    return OutcomeEvent(
+        task_id=record.task_id,
+        capability=record.capability,
+        attempt=1,
+        worker_id="w",
+        status=Status.SUCCEEDED,
+        result={"ok": 1},
+        reply_to=record.reply_to,
+        correlation_id=record.correlation_id,
+        submitted_at=record.submitted_at,
+        started_at=now - 0.1,
+        finished_at=now,
+    )
+
+
+async def test_an_answer_refused_yet_journaled_is_final_where_it_was_sent_and_never_expires(
+    system: System,
+) -> None:
+    """An answer whose publish is refused can still reach its client and the journal; sent
+    again on its own, refused again, its task is reopened. Its outcome is handed back, and
+    taken by another scheduler, which finds the answer in the journal and drops it. The first
+    finds its own answer in the journal too: the task is answered there, and never expires as
+    "no worker started it" (a second, contrary answer, which every scheduler would take)."""
+    first = await system.scheduler()
+    second = await system.scheduler()
+    await wait_until(lambda: len(first.peers.live(time.time())) == 2)
+    client = await system.client()
+    handle, record = await dispatched_here(first, client)
+    await wait_until(lambda: second.store.get(handle.task_id) is not None)
+    refuse_answer(first, handle.task_id, publish=True)
+    ev = outcome_of(record)
+    answering = first._outcome(ev, None)
+    assert answering is not None
+    with pytest.raises(BrokerError):
+        await asyncio.wait_for(answering, TIMEOUT)
+    answer = await asyncio.wait_for(handle.answer(), TIMEOUT)
+    assert answer.status == Status.SUCCEEDED
+    # Handed back, the outcome reaches the other scheduler: the journal has its answer.
+    again = second._outcome(ev, None, redelivered=True)
+    if again is not None:
+        await asyncio.wait_for(again, TIMEOUT)
+    theirs = second.store.get(handle.task_id)
+    assert theirs is not None and theirs.answer is not None
+    assert theirs.answer.status == Status.SUCCEEDED
+    await wait_until(lambda: record.final)
+    await first.sweep(record.deadline + 5)  # its deadline passes
+    await asyncio.wait_for(first._synced(), TIMEOUT)  # what it journaled, the other has read
+    await asyncio.wait_for(second._synced(), TIMEOUT)
+    for scheduler in (first, second):
+        known = scheduler.store.get(handle.task_id)
+        assert known is not None and known.state == TaskState.SUCCEEDED, known
+
+
+async def test_a_task_whose_outcome_came_is_not_expired_while_its_answer_waits(
+    system: System,
+) -> None:
+    """An outcome came, and its answer was refused (no destination took it): the task ran, so
+    its deadline passing does not make it expire as never started. Handed back, the outcome
+    answers it."""
+    scheduler = await system.scheduler()
+    client = await system.client()
+    handle, record = await dispatched_here(scheduler, client)
+    refuse_answer(scheduler, handle.task_id, publish=False)
+    ev = outcome_of(record)
+    answering = scheduler._outcome(ev, None)
+    assert answering is not None
+    with pytest.raises(BrokerError):
+        await asyncio.wait_for(answering, TIMEOUT)
+    assert not record.final
+    await scheduler.sweep(record.deadline + 5)  # its deadline passes
+    assert not record.final, f"answered {record.answer}"
+    again = scheduler._outcome(ev, None, redelivered=True)
+    assert again is not None
+    await asyncio.wait_for(again, TIMEOUT)
+    answer = await asyncio.wait_for(handle.answer(), TIMEOUT)
+    assert answer.status == Status.SUCCEEDED

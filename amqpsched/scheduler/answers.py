@@ -11,7 +11,7 @@ from typing import Any
 
 from .. import transport
 from ..batching import Countdown, follow
-from ..errors import AmqpschedError, BrokerError
+from ..errors import BrokerError
 from ..protocol import (
     Answer,
     Kind,
@@ -24,6 +24,7 @@ from .base import (
     SYNC_POLL,
     SYNC_TIMEOUT,
     UNSURE_MARGIN,
+    UNSURE_RECHECK,
     log_failure,
 )
 from .journal import replay
@@ -62,25 +63,30 @@ class Answering(Paging):
 
     async def _check_unsure(self, wait: float = 60.0) -> None:
         """Look in the journal for the answers this scheduler is unsure of, once connected
-        again. Their outcomes are redelivered, maybe to another scheduler: without this, one
-        that went out would stay unanswered here (a stale status)."""
+        again, until each is found or ``wait`` seconds have passed since the latest became
+        unsure. Their outcomes are redelivered, maybe to another scheduler, which finds the
+        answer in the journal and drops them: without this, one that went out would stay
+        unanswered here (a stale status, and a task run again should its worker die). A copy
+        can be stored late (a stream leader moving): one not found is looked for again, less
+        and less often; one never found is answered by its outcome, redelivered."""
         assert self._conn is not None
-        await asyncio.sleep(REQUEUE_PAUSE)
-        began = time.monotonic()
-        while self._unsure and time.monotonic() - began < wait:
+        pause, read_after = REQUEUE_PAUSE, float("-inf")
+        while self._unsure and time.time() < max(self._unsure.values()) + wait:
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, UNSURE_RECHECK)
             if not transport.is_connected(self._conn):
-                await asyncio.sleep(REQUEUE_PAUSE)
                 continue
-            try:
-                found = await self._answers_in_journal(max(self._unsure.values()))
-            except AmqpschedError as exc:
+            try:  # a read that began before the latest failure, or the last look, is no news
+                found = await self._answers_in_journal(
+                    max(max(self._unsure.values(), default=0.0), read_after)
+                )
+            except Exception as exc:  # looked for again
                 log.warning("could not look for unsure answers in the journal: %s", exc)
-                await asyncio.sleep(REQUEUE_PAUSE)
                 continue
+            read_after = time.time()
             for task_id in list(self._unsure):
                 if task_id in found:
                     self._went_out(found[task_id])
-            return
 
     async def _answers_in_journal(self, failed_at: float) -> dict[str, Answer]:
         """The answers journaled since a little before the earliest unsure one, read once for
@@ -193,10 +199,12 @@ class Answering(Paging):
             if exc is not None:
                 self.store.reopen(record, state, watchers)  # the redelivery will answer it
                 record.task = task
-                if isinstance(exc, asyncio.CancelledError) or not transport.refused(exc):
-                    # It may have gone out: the journal is asked before it is sent again.
-                    self._unsure[record.task_id] = time.time()
-                    self._check_unsure_soon()
+                # It may have gone out, or be in the journal (a refused publish may have reached
+                # some of its destinations; sent again on its own, refused again): the other
+                # schedulers take a journaled answer as final, so the journal is asked before
+                # it is sent again, and looked for until found (see _check_unsure).
+                self._unsure[record.task_id] = time.time()
+                self._check_unsure_soon()
             else:
                 outcome = answer.error.type.value if answer.error else answer.status.value
                 counters = self.metrics.of(record.capability)

@@ -54,6 +54,8 @@ KIND_NAMES = frozenset(k.value for k in Kind)
 UNSURE_MARGIN = 30.0
 #: Seconds an unsure answer is remembered (its outcome comes back long before).
 UNSURE_KEEP = 3600.0
+#: Longest pause between two looks in the journal for an unsure answer not found yet.
+UNSURE_RECHECK = 8.0
 #: Seconds an answer may wait for its confirm before it is also journaled on its own.
 ANSWER_GRACE = 3.0
 #: Attempts to send again, on its own, an answer whose publish was refused.

@@ -194,6 +194,12 @@ class Events(Answering):
                 deadline=ev.finished_at,
                 batch_reply=cold is not None and bool(cold.flags & BATCH_REPLY),
             )
+        if not record.started:
+            # A worker ran it (its `started` not heard here): should this answer fail, the task
+            # waits for its outcome again, not for a worker, and never expires as not started.
+            record.state, record.worker_id = TaskState.RUNNING, ev.worker_id
+            self.store.unwait(record.task_id)
+        record.attempts = max(record.attempts, ev.attempt)
         if traceparent is not None:
             record.traceparent = traceparent  # the worker's span: the answer's parent
         if ev.started_at is not None:
