@@ -14,6 +14,7 @@ import pytest
 
 from amqpsched import NoWorkerAvailable, transport
 from amqpsched.batching import Done
+from amqpsched.client import Client, TaskHandle
 from amqpsched.errors import BrokerError
 from amqpsched.protocol import (
     Answer,
@@ -312,7 +313,10 @@ def refuse_answer(scheduler: Scheduler, task_id: str, *, publish: bool) -> None:
             return
         refused.append(task_id)
         if publish:
-            sent = lambda exc: done(exc or a_refusal())  # noqa: E731
+
+            def sent(exc: BaseException | None) -> None:
+                done(exc or a_refusal())
+
             answer_then(targets, answer, sent, traceparent, batch_reply)
         else:
             asyncio.get_running_loop().call_soon(done, a_refusal())
@@ -326,7 +330,7 @@ def refuse_answer(scheduler: Scheduler, task_id: str, *, publish: bool) -> None:
     scheduler._resend = resend_refused  # type: ignore[method-assign]
 
 
-async def dispatched_here(scheduler: Scheduler, client: Any) -> tuple[Any, TaskRecord]:
+async def dispatched_here(scheduler: Scheduler, client: Client) -> tuple[TaskHandle, TaskRecord]:
     """A task nobody takes, submitted with a long timeout; its record in ``scheduler``, which
     runs its timers."""
     handle = await client.submit("echo", {"n": 1}, timeout=30.0)
@@ -335,6 +339,20 @@ async def dispatched_here(scheduler: Scheduler, client: Any) -> tuple[Any, TaskR
     assert record is not None
     record.owner = scheduler.scheduler_id
     return handle, record
+
+
+async def outcome_answer_refused(
+    scheduler: Scheduler, record: TaskRecord, *, publish: bool
+) -> OutcomeEvent:
+    """The worker's outcome of ``record`` comes to ``scheduler``, whose answer is refused (see
+    :func:`refuse_answer`): the outcome, to hand it back."""
+    refuse_answer(scheduler, record.task_id, publish=publish)
+    ev = outcome_of(record)
+    answering = scheduler._outcome(ev, None)
+    assert answering is not None
+    with pytest.raises(BrokerError):
+        await asyncio.wait_for(answering, TIMEOUT)
+    return ev
 
 
 def outcome_of(record: TaskRecord) -> OutcomeEvent:
@@ -368,12 +386,7 @@ async def test_an_answer_refused_yet_journaled_is_final_where_it_was_sent_and_ne
     client = await system.client()
     handle, record = await dispatched_here(first, client)
     await wait_until(lambda: second.store.get(handle.task_id) is not None)
-    refuse_answer(first, handle.task_id, publish=True)
-    ev = outcome_of(record)
-    answering = first._outcome(ev, None)
-    assert answering is not None
-    with pytest.raises(BrokerError):
-        await asyncio.wait_for(answering, TIMEOUT)
+    ev = await outcome_answer_refused(first, record, publish=True)
     answer = await asyncio.wait_for(handle.answer(), TIMEOUT)
     assert answer.status == Status.SUCCEEDED
     # Handed back, the outcome reaches the other scheduler: the journal has its answer.
@@ -401,12 +414,7 @@ async def test_a_task_whose_outcome_came_is_not_expired_while_its_answer_waits(
     scheduler = await system.scheduler()
     client = await system.client()
     handle, record = await dispatched_here(scheduler, client)
-    refuse_answer(scheduler, handle.task_id, publish=False)
-    ev = outcome_of(record)
-    answering = scheduler._outcome(ev, None)
-    assert answering is not None
-    with pytest.raises(BrokerError):
-        await asyncio.wait_for(answering, TIMEOUT)
+    ev = await outcome_answer_refused(scheduler, record, publish=False)
     assert not record.final
     await scheduler.sweep(record.deadline + 5)  # its deadline passes
     assert not record.final, f"answered {record.answer}"
