@@ -196,6 +196,21 @@ async def journal_mentions(
     )
 
 
+def log_mentions(folder: Path, task_ids: list[str], limit: int = 12) -> str:
+    """The lines of the processes' logs in ``folder`` naming each of ``task_ids``: for failure
+    messages (the logs stay on the machine that ran the test)."""
+    named = {t: re.compile(rf"\b{re.escape(t)}\b") for t in task_ids}
+    found: dict[str, list[str]] = {t: [] for t in task_ids}
+    for path in sorted(folder.glob("*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            for t, pattern in named.items():
+                if pattern.search(line):
+                    found[t].append(f"{path.stem}: {line[:300]}")
+    return "\n".join(
+        f"logs on {t}:\n  " + "\n  ".join(found[t][-limit:] or ["(none)"]) for t in task_ids
+    )
+
+
 @pytest.mark.system
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize(
@@ -312,6 +327,7 @@ async def test_three_schedulers_survive_a_scheduler_sigkill_and_a_node_stop_mid_
         doubled = [t for t in confirmed if len(merged.answers.get(t, [])) > 1]
         problems.append(f"answered by: { {t: origins.get(t) for t in doubled[:5]} }")
         problems.append(await journal_mentions(system, doubled[:3], dump=tmp_path / "journal.txt"))
+        problems.append(log_mentions(tmp_path, doubled[:3]))
     twice = [t for t in merged.unconfirmed if len(merged.answers.get(t, [])) > 1]
     if twice:
         problems.append(f"unconfirmed submissions answered twice: {twice[:5]}")
@@ -340,6 +356,7 @@ async def test_three_schedulers_survive_a_scheduler_sigkill_and_a_node_stop_mid_
             problems.append(
                 await journal_mentions(system, list(wrong)[:3], dump=tmp_path / "journal.txt")
             )
+            problems.append(log_mentions(tmp_path, list(wrong)[:3]))
     dead = [p.log.name for p in [*survivors, *workers] if p.popen.poll() is not None]
     if dead:
         problems.append(f"processes exited: {dead}")

@@ -205,6 +205,7 @@ class Answering(Paging):
                 # it is sent again, and looked for until found (see _check_unsure).
                 self._unsure[record.task_id] = time.time()
                 self._check_unsure_soon()
+                log.info("answer of %s not confirmed (%s): open again", record.task_id, exc)
             else:
                 outcome = answer.error.type.value if answer.error else answer.status.value
                 counters = self.metrics.of(record.capability)
