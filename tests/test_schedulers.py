@@ -295,9 +295,15 @@ def a_refusal() -> BrokerError:
     return exc
 
 
-def refuse_answer(scheduler: Scheduler, task_id: str, *, publish: bool) -> None:
-    """The scheduler's first answer to ``task_id`` is refused (after it went out, if
-    ``publish``), and so is every resend of it on its own."""
+def refuse_answer(
+    scheduler: Scheduler,
+    task_id: str,
+    *,
+    publish: bool,
+    error: Callable[[], BrokerError] = a_refusal,
+) -> None:
+    """The scheduler's first answer to ``task_id`` fails with ``error`` (after it went out, if
+    ``publish``); a refused one is refused again when sent again on its own."""
     answer_then = scheduler.outbox.answer_then
     refused: list[str] = []
 
@@ -315,11 +321,11 @@ def refuse_answer(scheduler: Scheduler, task_id: str, *, publish: bool) -> None:
         if publish:
 
             def sent(exc: BaseException | None) -> None:
-                done(exc or a_refusal())
+                done(exc or error())
 
             answer_then(targets, answer, sent, traceparent, batch_reply)
         else:
-            asyncio.get_running_loop().call_soon(done, a_refusal())
+            asyncio.get_running_loop().call_soon(done, error())
 
     async def resend_refused(
         targets: list[tuple[str, str]], answer: Answer, record: TaskRecord
@@ -342,11 +348,15 @@ async def dispatched_here(scheduler: Scheduler, client: Client) -> tuple[TaskHan
 
 
 async def outcome_answer_refused(
-    scheduler: Scheduler, record: TaskRecord, *, publish: bool
+    scheduler: Scheduler,
+    record: TaskRecord,
+    *,
+    publish: bool,
+    error: Callable[[], BrokerError] = a_refusal,
 ) -> OutcomeEvent:
-    """The worker's outcome of ``record`` comes to ``scheduler``, whose answer is refused (see
+    """The worker's outcome of ``record`` comes to ``scheduler``, whose answer fails (see
     :func:`refuse_answer`): the outcome, to hand it back."""
-    refuse_answer(scheduler, record.task_id, publish=publish)
+    refuse_answer(scheduler, record.task_id, publish=publish, error=error)
     ev = outcome_of(record)
     answering = scheduler._outcome(ev, None)
     assert answering is not None
@@ -423,3 +433,33 @@ async def test_a_task_whose_outcome_came_is_not_expired_while_its_answer_waits(
     await asyncio.wait_for(again, TIMEOUT)
     answer = await asyncio.wait_for(handle.answer(), TIMEOUT)
     assert answer.status == Status.SUCCEEDED
+
+
+async def test_an_answer_not_confirmed_is_looked_for_in_the_journal_until_found(
+    system: System,
+) -> None:
+    """An answer whose publish got no confirm may have gone out: its journal copy can be stored
+    late (a stream leader moving). The scheduler looks for it again, less and less often, and
+    takes it as sent once found, not only on its first look."""
+    scheduler = await system.scheduler()
+    client = await system.client()
+    handle, record = await dispatched_here(scheduler, client)
+    held = HeldJournal(scheduler)  # it does not read its own entries as it follows the journal
+
+    def unconfirmed() -> BrokerError:
+        return BrokerError("no confirm (by the test)")
+
+    ev = await outcome_answer_refused(scheduler, record, publish=False, error=unconfirmed)
+    await wait_until(lambda: (c := scheduler._journal_check) is not None and c[1].done())
+    assert not record.final, "its first look found nothing"
+    async with transport.connection(system.settings, "test-journal") as conn:
+        channel = await transport.confirm_channel(conn)  # the copy, stored late
+        msg = transport.message(
+            encode(answer_of(ev)),
+            Kind.ANSWER,
+            headers={transport.H_SCHEDULER: scheduler.scheduler_id},
+        )
+        await transport.publish(channel.default_exchange, msg, system.topology.journal_queue)
+    await wait_until(lambda: record.final)
+    assert record.answer is not None and record.answer.status == Status.SUCCEEDED
+    assert held.holds(handle.task_id.encode())

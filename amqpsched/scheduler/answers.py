@@ -64,17 +64,19 @@ class Answering(Paging):
     async def _check_unsure(self, wait: float = 60.0) -> None:
         """Look in the journal for the answers this scheduler is unsure of, once connected
         again, until each is found or ``wait`` seconds have passed since the latest became
-        unsure. Their outcomes are redelivered, maybe to another scheduler, which finds the
-        answer in the journal and drops them: without this, one that went out would stay
-        unanswered here (a stale status, and a task run again should its worker die). A copy
-        can be stored late (a stream leader moving): one not found is looked for again, less
-        and less often; one never found is answered by its outcome, redelivered."""
+        unsure (or since the reconnect). Their outcomes are redelivered, maybe to another
+        scheduler, which finds the answer in the journal and drops them: without this, one
+        that went out would stay unanswered here (a stale status, and a task run again should
+        its worker die). A copy can be stored late (a stream leader moving): one not found is
+        looked for again, less and less often; one never found is answered by its outcome,
+        redelivered."""
         assert self._conn is not None
-        pause, read_after = REQUEUE_PAUSE, float("-inf")
-        while self._unsure and time.time() < max(self._unsure.values()) + wait:
+        pause, read_after, since = REQUEUE_PAUSE, float("-inf"), time.time()
+        while self._unsure and time.time() < max(since, *self._unsure.values()) + wait:
             await asyncio.sleep(pause)
             pause = min(2 * pause, UNSURE_RECHECK)
             if not transport.is_connected(self._conn):
+                since = time.time()  # the time to look counts from the reconnect
                 continue
             try:  # a read that began before the latest failure, or the last look, is no news
                 found = await self._answers_in_journal(
