@@ -76,7 +76,8 @@ class Answering(Paging):
             await asyncio.sleep(pause)
             pause = min(2 * pause, UNSURE_RECHECK)
             if not transport.is_connected(self._conn):
-                since = time.time()  # the time to look counts from the reconnect
+                # Looked for soon after the reconnect; the time to look counts from then.
+                pause, since = REQUEUE_PAUSE, time.time()
                 continue
             try:  # a read that began before the latest failure, or the last look, is no news
                 found = await self._answers_in_journal(
