@@ -118,6 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
         "amqpsched and the raw aio-pika RPC (median of one task at a time)",
     )
     p.add_argument(
+        "--strip",
+        default="",
+        metavar="PARTS",
+        help="with --timeline: take these parts out of amqpsched's processes, an experiment that "
+        "breaks guarantees (outcome: no outcome copy for the scheduler; journal: no journal); "
+        "comma-separated",
+    )
+    p.add_argument(
         "--scale-tasks", type=int, default=1_000_000, help="waiting tasks (default 1,000,000)"
     )
     p.add_argument(
@@ -135,8 +143,16 @@ def main(argv: list[str] | None = None) -> int:
         from .hops import run_hops
 
         return asyncio.run(run_hops(args))
+    if args.strip and not args.timeline:
+        parser.error("--strip goes with --timeline")
     if args.timeline:
+        from .strip import parse
         from .timeline import run_timeline
+
+        try:
+            args.strip = parse(args.strip)
+        except ValueError as exc:
+            parser.error(str(exc))
 
         return asyncio.run(run_timeline(args))
     if args.scale:

@@ -28,7 +28,7 @@ import json
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Set
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -129,13 +129,15 @@ def segments(events: dict[str, list[Event]], chain: list[Step], since: int) -> l
     return found
 
 
-def _traced(cls: type[System], out_dir: Path) -> type[System]:
-    """``cls`` with every process it spawns run under :mod:`bench.traced`."""
+def _traced(cls: type[System], out_dir: Path, strip: Set[str]) -> type[System]:
+    """``cls`` with every process it spawns run under :mod:`bench.traced`, without the parts
+    in ``strip`` (:mod:`bench.strip`)."""
 
     class Traced(cls):  # type: ignore[valid-type,misc]
         def spawn(self, args: list[str], name: str, env: dict[str, str] | None = None) -> Proc:
             env = dict(env or self.ctx.env())
             env["BENCH_TIMELINE_OUT"] = str(out_dir / f"{name}.jsonl")
+            env["BENCH_STRIP"] = ",".join(sorted(strip))
             args = ["-m", "bench.traced", *args[1:]] if args[:1] == ["-m"] else args
             return super().spawn(args, name, env)  # type: ignore[no-any-return]
 
@@ -143,9 +145,16 @@ def _traced(cls: type[System], out_dir: Path) -> type[System]:
 
 
 async def _run_system(
-    cls: type[System], ctx: Context, recorder: Recorder, tasks: int, out_dir: Path
-) -> tuple[dict[str, list[Event]], int, System]:
-    system = _traced(cls, out_dir)(ctx)
+    cls: type[System],
+    ctx: Context,
+    recorder: Recorder,
+    tasks: int,
+    out_dir: Path,
+    strip: Set[str] = frozenset(),
+) -> tuple[dict[str, list[Event]], tuple[int, int], System]:
+    """Run ``tasks`` lone tasks through ``cls``; its processes' events, the span of the measured
+    tasks (ns), and the system."""
+    system = _traced(cls, out_dir, strip)(ctx)
     call: Callable[[str], Awaitable[Any]] = system.call  # type: ignore[attr-defined]
     try:
         await system.start()
@@ -154,12 +163,31 @@ async def _run_system(
         since = time.time_ns()
         for _ in range(tasks):
             await call(PAYLOAD)
+        until = time.time_ns()
     finally:
         await system.stop()  # its processes write their events as they exit
     events = _collect(out_dir)
     events["client"] = [e for e in recorder.events if e.ns >= since]
     recorder.events.clear()
-    return events, since, system
+    return events, (since, until), system
+
+
+def messages_per_task(
+    events: dict[str, list[Event]], span: tuple[int, int], tasks: int
+) -> dict[str, tuple[float, float]]:
+    """Per role, the publishes and the deliveries of its processes per task within ``span`` (a
+    publish with ``BCC`` counts once, however many queues it reaches)."""
+    since, until = span
+    counts: dict[str, tuple[float, float]] = {}
+    for role, evs in events.items():
+        within = [e.op for e in evs if since <= e.ns <= until]
+        counts[role] = (within.count("pub") / tasks, within.count("dlv") / tasks)
+    return counts
+
+
+def _print_messages(name: str, counts: dict[str, tuple[float, float]]) -> None:
+    parts = [f"{role} {pub:.1f} / {dlv:.1f}" for role, (pub, dlv) in sorted(counts.items())]
+    print(f"  {name}: messages per task, published / delivered: {'; '.join(parts)}")
 
 
 def _collect(out_dir: Path) -> dict[str, list[Event]]:
@@ -173,7 +201,9 @@ def _collect(out_dir: Path) -> dict[str, list[Event]]:
     return events
 
 
-def _report(name: str, labels: list[str], rows: list[list[float]]) -> list[float]:
+def _report(name: str, labels: list[str], rows: list[list[float]]) -> tuple[list[float], float]:
+    """Print each segment's median, p90 and p99, and the round trip's; return the medians and
+    the round trip's median."""
     columns = [sorted(r[i] for r in rows) for i in range(len(labels))]
     medians = [percentile(c, 0.5) for c in columns]
     totals = sorted(sum(r) for r in rows)
@@ -183,11 +213,12 @@ def _report(name: str, labels: list[str], rows: list[list[float]]) -> list[float
             f"    {label:34} {median:7.0f}  ({percentile(column, 0.9):.0f}, "
             f"{percentile(column, 0.99):.0f})"
         )
+    trip = percentile(totals, 0.5)
     print(
-        f"    {'round trip, publish to publish':34} {percentile(totals, 0.5):7.0f}  "
+        f"    {'round trip, publish to publish':34} {trip:7.0f}  "
         f"({percentile(totals, 0.9):.0f}, {percentile(totals, 0.99):.0f})"
     )
-    return medians
+    return medians, trip
 
 
 async def run_timeline(args: argparse.Namespace) -> int:
@@ -205,11 +236,16 @@ async def run_timeline(args: argparse.Namespace) -> int:
     recorder.install()
     raw_rows: list[list[float]] = []
     ours_rows: list[list[float]] = []
+    raw_counts: dict[str, tuple[float, float]] = {}
+    ours_counts: dict[str, tuple[float, float]] = {}
     for round_ in range(rounds):
         ctx = Context(f"{run_id}r{round_}", args.amqp_url, log_dir, args.quick)
-        events, since, _ = await _run_system(RawAioPika, ctx, recorder, tasks, out_dir)
-        raw_rows += segments(events, RAW_CHAIN, since)
-        events, since, system = await _run_system(Amqpsched, ctx, recorder, tasks, out_dir)
+        events, span, _ = await _run_system(RawAioPika, ctx, recorder, tasks, out_dir)
+        raw_rows += segments(events, RAW_CHAIN, span[0])
+        raw_counts = messages_per_task(events, span, tasks)
+        events, span, system = await _run_system(
+            Amqpsched, ctx, recorder, tasks, out_dir, args.strip
+        )
         topology = Topology(system.namespace)  # type: ignore[attr-defined]
         chain: list[Step] = [
             ("scheduler", "dlv", "="),
@@ -218,14 +254,21 @@ async def run_timeline(args: argparse.Namespace) -> int:
             ("worker", "pub", topology.replies_exchange),
             ("client", "dlv", topology.replies_exchange),
         ]
-        ours_rows += segments(events, chain, since)
+        ours_rows += segments(events, chain, span[0])
+        ours_counts = messages_per_task(events, span, tasks)
     print(f"timeline: a lone task, one at a time, {rounds} x {tasks} per system (logs: {log_dir})")
-    raw = _report(
+    if args.strip:
+        print(
+            f"  amqpsched stripped of: {', '.join(sorted(args.strip))} (an experiment: "
+            "guarantees broken; bench/strip.py)"
+        )
+    raw, raw_trip = _report(
         "raw-aio-pika",
         ["request hop (quorum)", "server's turn", "reply hop (classic)", "client's turn"],
         raw_rows,
     )
-    ours = _report(
+    _print_messages("raw-aio-pika", raw_counts)
+    ours, ours_trip = _report(
         "amqpsched",
         [
             "submit hop (quorum)",
@@ -237,12 +280,14 @@ async def run_timeline(args: argparse.Namespace) -> int:
         ],
         ours_rows,
     )
+    _print_messages("amqpsched", ours_counts)
     if raw and ours:
         hops_ours, hops_raw = ours[0] + ours[2] + ours[4], raw[0] + raw[2]
         turns_ours, turns_raw = ours[1] + ours[3] + ours[5], raw[1] + raw[3]
         print(
             f"  hops: amqpsched {hops_ours:.0f} µs, raw {hops_raw:.0f} "
             f"(x{hops_ours / hops_raw:.2f}); turns: amqpsched {turns_ours:.0f} µs, raw "
-            f"{turns_raw:.0f} (x{turns_ours / turns_raw:.2f})"
+            f"{turns_raw:.0f} (x{turns_ours / turns_raw:.2f}); round trip: amqpsched "
+            f"{ours_trip:.0f} µs, raw {raw_trip:.0f} (x{ours_trip / raw_trip:.2f})"
         )
     return 0

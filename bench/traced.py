@@ -1,6 +1,7 @@
 """``python -m bench.traced MODULE [ARGS...]``: run ``python -m MODULE ARGS...`` with its AMQP
 publishes and deliveries timed (:mod:`bench.timeline`), written as JSON lines to the file named
-by ``BENCH_TIMELINE_OUT`` when it exits."""
+by ``BENCH_TIMELINE_OUT`` when it exits; with the parts named by ``BENCH_STRIP`` taken out
+(:mod:`bench.strip`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import runpy
 import sys
 
+from . import strip
 from .timeline import Recorder
 
 
@@ -17,6 +19,7 @@ def main() -> None:
         raise SystemExit("usage: python -m bench.traced MODULE [ARGS...]")
     recorder = Recorder()
     recorder.install()
+    strip.install(strip.parse(os.environ.get("BENCH_STRIP", "")))
     out = os.environ.get("BENCH_TIMELINE_OUT")
     if out:
         atexit.register(recorder.write, out)

@@ -77,10 +77,10 @@ def test_bench_quick_writes_rows_of_the_documented_shape(amqp_url: str, tmp_path
     assert "tasks/s" in proc.stdout  # the table was printed
 
 
-def _quick_run(mode: str, amqp_url: str) -> subprocess.CompletedProcess[str]:
+def _quick_run(mode: str, amqp_url: str, *more: str) -> subprocess.CompletedProcess[str]:
     """``python -m bench MODE --quick``, which must succeed."""
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", mode, "--quick", "--amqp-url", amqp_url],
+        [sys.executable, "-m", "bench", mode, "--quick", "--amqp-url", amqp_url, *more],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -127,6 +127,27 @@ def test_bench_timeline_cuts_both_round_trips_into_hops_and_turns(amqp_url: str)
         assert median is not None and int(median.group(1)) > 0, line
     # Every task of each system was cut (one less than run: the last has no next publish).
     assert "raw-aio-pika: 99 tasks" in proc.stdout and "amqpsched: 99 tasks" in proc.stdout
+    # The scheduler takes each submission, its outcome and its dispatch read back from the
+    # journal: at least three deliveries a task (answers read back may come together).
+    assert _scheduler_messages(proc.stdout)[1] >= 3.0, proc.stdout
+
+
+def _scheduler_messages(stdout: str) -> tuple[float, float]:
+    """The scheduler's publishes and deliveries per task, as the timeline printed them."""
+    found = re.search(r"amqpsched: messages per task.*scheduler ([\d.]+) / ([\d.]+)", stdout)
+    assert found is not None, stdout
+    return float(found.group(1)), float(found.group(2))
+
+
+@pytest.mark.timeout(120)
+def test_a_timeline_stripped_of_outcome_and_journal_leaves_the_scheduler_one_message_each_way(
+    amqp_url: str,
+) -> None:
+    proc = _quick_run("--timeline", amqp_url, "--strip", "outcome,journal")
+    assert "amqpsched stripped of: journal, outcome" in proc.stdout
+    assert "amqpsched: 99 tasks" in proc.stdout  # the client still got every answer
+    # The submission in, the task out: no outcome, no journal entry written or read back.
+    assert _scheduler_messages(proc.stdout) == (1.0, 1.0), proc.stdout
 
 
 def test_a_timeline_takes_each_step_after_the_one_before_and_skips_broken_chains() -> None:
