@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-PARTS = ("outcome", "journal")
+PARTS = ("outcome", "journal", "classic-dispatch", "classic-results")
 
 
 def parse(text: str) -> set[str]:
@@ -30,6 +30,31 @@ def install(parts: set[str]) -> None:
         _strip_outcome()
     if "journal" in parts:
         _strip_journal()
+    classic = {p.removeprefix("classic-") for p in parts if p.startswith("classic-")}
+    if classic:
+        _classic_queues(classic)
+
+
+def _classic_queues(which: set[str]) -> None:
+    """Declare the capability queues (``dispatch``) and/or the results queue (``results``) as
+    durable classic queues instead of quorum queues."""
+    from aio_pika.channel import Channel
+
+    declare = Channel.declare_queue
+
+    async def declare_queue(self: Channel, name: str | None = None, **kwargs: Any) -> Any:
+        args = dict(kwargs.get("arguments") or {})
+        is_cap = bool(name) and ".cap." in f".{name}"
+        is_results = bool(name) and str(name).endswith("amqpsched.results")
+        if args.get("x-queue-type") == "quorum" and (
+            ("dispatch" in which and is_cap) or ("results" in which and is_results)
+        ):
+            for key in ("x-queue-type", "x-delivery-limit", "x-dead-letter-strategy"):
+                args.pop(key, None)
+            kwargs["arguments"] = args
+        return await declare(self, name, **kwargs)
+
+    Channel.declare_queue = declare_queue  # type: ignore[method-assign]
 
 
 def _strip_outcome() -> None:

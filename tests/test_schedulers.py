@@ -7,7 +7,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import aio_pika.exceptions
 import pytest
@@ -299,11 +299,12 @@ def refuse_answer(
     scheduler: Scheduler,
     task_id: str,
     *,
-    publish: bool,
+    publish: bool | Literal["journal"],
     error: Callable[[], BrokerError] = a_refusal,
 ) -> None:
     """The scheduler's first answer to ``task_id`` fails with ``error`` (after it went out, if
-    ``publish``); a refused one is refused again when sent again on its own."""
+    ``publish``; to the journal alone, not to its client, if ``"journal"``); a refused one is
+    refused again when sent again on its own."""
     answer_then = scheduler.outbox.answer_then
     refused: list[str] = []
 
@@ -319,6 +320,8 @@ def refuse_answer(
             return
         refused.append(task_id)
         if publish:
+            if publish == "journal":
+                targets = []
 
             def sent(exc: BaseException | None) -> None:
                 done(exc or error())
@@ -351,7 +354,7 @@ async def outcome_answer_refused(
     scheduler: Scheduler,
     record: TaskRecord,
     *,
-    publish: bool,
+    publish: bool | Literal["journal"],
     error: Callable[[], BrokerError] = a_refusal,
 ) -> OutcomeEvent:
     """The worker's outcome of ``record`` comes to ``scheduler``, whose answer fails (see
@@ -413,6 +416,22 @@ async def test_an_answer_refused_yet_journaled_is_final_where_it_was_sent_and_ne
     for scheduler in (first, second):
         known = scheduler.store.get(handle.task_id)
         assert known is not None and known.state == TaskState.SUCCEEDED, known
+
+
+async def test_an_answer_refused_that_reached_the_journal_alone_is_sent_again_to_its_client(
+    system: System,
+) -> None:
+    """A refused publish of an answer reached the journal and not its client's reply queue;
+    sent again on its own, refused again. The other schedulers read it in the journal and never
+    send it; the scheduler that sent it finds it there and sends it to the client again, which
+    would otherwise wait until its timeout."""
+    scheduler = await system.scheduler()
+    client = await system.client()
+    handle, record = await dispatched_here(scheduler, client)
+    await outcome_answer_refused(scheduler, record, publish="journal")
+    answer = await asyncio.wait_for(handle.answer(), TIMEOUT)
+    assert answer.status == Status.SUCCEEDED and answer.result == {"ok": 1}
+    assert record.final and not scheduler._unsure_to
 
 
 async def test_a_task_whose_outcome_came_is_not_expired_while_its_answer_waits(

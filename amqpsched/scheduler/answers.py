@@ -42,6 +42,7 @@ class Answering(Paging):
         watchers = list(record.watchers) if record is not None and not record.final else []
         apply_answer(self.store, answer)
         self._unsure.pop(answer.task_id or "", None)
+        self._unsure_to.pop(answer.task_id or "", None)
         if watchers and record is not None and record.final:
             body = encode(answer)
             for reply_to, corr in watchers:
@@ -49,13 +50,25 @@ class Answering(Paging):
                 sent.add_done_callback(log_failure)
 
     def _went_out(self, answer: Answer) -> None:
-        """An answer this scheduler was unsure of is in the journal: it went out."""
+        """An answer this scheduler was unsure of is in the journal: it went out. Its client
+        may not have it (a refused publish can reach the journal and not the reply queue, and
+        the other schedulers, which read it, will not send it): it is sent to them again. A
+        client that had it already keeps the first (protocol section 12)."""
         task_id = answer.task_id or ""
         self._unsure.pop(task_id, None)
+        targets = self._unsure_to.pop(task_id, [])
         record = self.store.get(task_id)
         if record is not None and not record.final and record.answering is None:
             self.store.finish(record, answer, answer.finished_at or time.time())
-            log.info("answer of %s found in the journal: it went out", task_id)
+            body = encode(answer)
+            for reply_to, corr in targets:
+                sent = self.outbox.send(reply_to, corr, Kind.ANSWER, body, record.traceparent)
+                asyncio.ensure_future(sent).add_done_callback(log_failure)
+            log.info(
+                "answer of %s found in the journal: it went out; sent again to %d client(s)",
+                task_id,
+                len(targets),
+            )
 
     def _check_unsure_soon(self) -> None:
         if self._unsure_check is None or self._unsure_check.done():
@@ -75,6 +88,8 @@ class Answering(Paging):
         while self._unsure and time.time() < max(since, *self._unsure.values()) + wait:
             await asyncio.sleep(pause)
             pause = min(2 * pause, UNSURE_RECHECK)
+            if not self._unsure:  # found meanwhile, as the journal was followed
+                break
             if not transport.is_connected(self._conn):
                 # Looked for soon after the reconnect; the time to look counts from then.
                 pause, since = REQUEUE_PAUSE, time.time()
@@ -207,6 +222,7 @@ class Answering(Paging):
                 # schedulers take a journaled answer as final, so the journal is asked before
                 # it is sent again, and looked for until found (see _check_unsure).
                 self._unsure[record.task_id] = time.time()
+                self._unsure_to[record.task_id] = targets
                 self._check_unsure_soon()
                 log.info("answer of %s not confirmed (%s): open again", record.task_id, exc)
             else:

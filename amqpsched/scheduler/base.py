@@ -93,6 +93,9 @@ class SchedulerBase:
     #: Tasks whose answer was sent but not confirmed (the broker went away) -> when: it may have
     #: gone out, so the journal is asked before answering them again.
     _unsure: dict[str, float]
+    #: Those tasks -> who the answer was for (reply-to, correlation id): sent to them again
+    #: once found in the journal, as a refused publish may have reached the journal alone.
+    _unsure_to: dict[str, list[tuple[str, str]]]
     #: Tasks someone waits to see answered (a cancel: :meth:`Requests._outcome_or_timeout`).
     _answered_waiters: dict[str, asyncio.Future[None]]
     _unsure_check: asyncio.Future[None] | None

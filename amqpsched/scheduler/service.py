@@ -83,6 +83,7 @@ class Scheduler(Requests, Events, Timers):
         #: Tasks whose answer was sent but not confirmed (the broker went away) -> when: it may
         #: have gone out, so the journal is asked before answering them again.
         self._unsure: dict[str, float] = {}
+        self._unsure_to: dict[str, list[tuple[str, str]]] = {}
         self._answered_waiters: dict[str, asyncio.Future[None]] = {}
         #: Other schedulers running side by side (known from the journal they all follow).
         self.peers = Peers(self.scheduler_id, self.registry.liveness_window)
