@@ -6,6 +6,9 @@ each part stripped breaks a guarantee.
   queue, so the scheduler never learns the outcome, never journals the answer and never acks it.
 - ``journal``: the scheduler neither writes its journal (no ``BCC`` to the stream, no answer
   copies) nor follows it.
+- ``classic-dispatch``: the capability queues are durable classic queues, not quorum queues (no
+  delivery limit): the task's second hop costs what a classic hop costs.
+- ``classic-results``: so is the results queue (the outcome's copy).
 
 Installed by :mod:`bench.traced` in the processes it runs, from ``BENCH_STRIP`` (comma-separated).
 The patches replace methods of the running process only; the package is not changed."""

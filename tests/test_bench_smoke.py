@@ -7,10 +7,16 @@ import json
 import re
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
+import aio_pika
+import aiormq.exceptions
 import pytest
+from aio_pika.channel import Channel
 
+from amqpsched.topology import Topology
+from bench import strip
 from bench.hops import bursts
 from bench.timeline import Event, segments
 from bench.workloads import Measurement, median_run, plan
@@ -148,6 +154,37 @@ def test_a_timeline_stripped_of_outcome_and_journal_leaves_the_scheduler_one_mes
     assert "amqpsched: 99 tasks" in proc.stdout  # the client still got every answer
     # The submission in, the task out: no outcome, no journal entry written or read back.
     assert _scheduler_messages(proc.stdout) == (1.0, 1.0), proc.stdout
+
+
+async def test_stripping_to_classic_queues_declares_the_capability_and_results_queues_classic(
+    amqp_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--strip classic-dispatch,classic-results``: the queues after ``tasks.submit`` are
+    declared classic, so a quorum declaration of the same names is refused; the submit queue
+    stays quorum."""
+    topology = Topology(namespace=f"t{uuid.uuid4().hex[:10]}")
+    monkeypatch.setattr(Channel, "declare_queue", Channel.declare_queue)  # undone after the test
+    strip.install(strip.parse("classic-dispatch,classic-results"))
+    conn = await aio_pika.connect(amqp_url)
+    try:
+        channel = await conn.channel()
+        await topology.declare_core(channel)
+        await topology.declare_capability(channel, "echo")
+        monkeypatch.undo()
+        for name in (topology.capability_queue("echo"), topology.results_queue):
+            channel = await conn.channel()
+            with pytest.raises(aiormq.exceptions.ChannelPreconditionFailed):
+                await channel.declare_queue(
+                    name, durable=True, arguments={"x-queue-type": "quorum"}
+                )
+        channel = await conn.channel()
+        await channel.declare_queue(  # the same as declared: accepted
+            topology.submit_queue, durable=True, arguments={"x-queue-type": "quorum"}
+        )
+    finally:
+        monkeypatch.undo()
+        await topology.delete_all(await conn.channel(), ["echo"])
+        await conn.close()
 
 
 def test_a_timeline_takes_each_step_after_the_one_before_and_skips_broken_chains() -> None:
