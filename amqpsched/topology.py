@@ -311,18 +311,17 @@ class Topology:
         A refusal (the user may not) closes the queue's channel."""
         await queue.bind(self.replies_exchange, routing_key=queue.name)
 
-    async def delete_all(self, channel: AbstractChannel, capabilities: list[str]) -> None:
-        """Remove this system's durable queues and exchanges (tests, teardown)."""
-        for name in [
+    def durable_names(self, capabilities: list[str]) -> tuple[list[str], list[str]]:
+        """This system's durable queues (those of ``capabilities`` among them) and exchanges."""
+        queues = [
             self.submit_queue,
             self.results_queue,
             self.dead_letter_queue,
             self.journal_queue,
             *(self.capability_queue(c) for c in capabilities),
             *(self.delay_queue(ms) for ms in DELAY_STEPS_MS),
-        ]:
-            await channel.queue_delete(name)
-        for ex in (
+        ]
+        exchanges = [
             self.submit_exchange,
             self.events_exchange,
             self.replies_exchange,
@@ -331,7 +330,15 @@ class Topology:
             self.dead_letter_exchange,
             self.delay_exchange,
             self.control_exchange,
-        ):
+        ]
+        return queues, exchanges
+
+    async def delete_all(self, channel: AbstractChannel, capabilities: list[str]) -> None:
+        """Remove this system's durable queues and exchanges (tests, teardown)."""
+        queues, exchanges = self.durable_names(capabilities)
+        for name in queues:
+            await channel.queue_delete(name)
+        for ex in exchanges:
             await channel.exchange_delete(ex)
 
 

@@ -20,7 +20,6 @@ import aio_pika
 import pytest
 
 from amqpsched import Client, Settings
-from amqpsched.retry import DELAY_STEPS_MS
 from amqpsched.scheduler import Scheduler
 from amqpsched.topology import Topology
 from amqpsched.worker import Worker, WorkerApp
@@ -154,28 +153,15 @@ class System:
                 await stop()
         conn = await aio_pika.connect(self.settings.amqp_url.get_secret_value())
         try:
-            topo = self.topology
-            names = [
-                topo.submit_queue,
-                topo.results_queue,
-                topo.dead_letter_queue,
-                topo.journal_queue,
-                *(topo.capability_queue(c) for c in sorted(self.capabilities)),
-                *(topo.delay_queue(ms) for ms in DELAY_STEPS_MS),
-            ]
+            # Each on a channel of its own: a failed delete closes its channel.
+            names, exchanges = self.topology.durable_names(sorted(self.capabilities))
             for name in names:
                 channel = await conn.channel()
                 with suppress(Exception):
                     await channel.queue_delete(name)
                 with suppress(Exception):
                     await channel.close()
-            for ex in (
-                topo.tasks_exchange,
-                topo.registry_exchange,
-                topo.dead_letter_exchange,
-                topo.delay_exchange,
-                topo.control_exchange,
-            ):
+            for ex in exchanges:
                 channel = await conn.channel()
                 with suppress(Exception):
                     await channel.exchange_delete(ex)

@@ -118,6 +118,7 @@ async def test_a_waiting_task_is_answered_when_its_scheduler_is_gone(
     first = await system.scheduler(scheduler_id="first-one")
     second = await system.scheduler(scheduler_id="second-one")
     await wait_until(lambda: len(second.peers.live(time.time())) == 2)
+    system.capabilities.add("nobody")  # its queue is deleted after the test
     client = await system.client()
     # No worker offers it: the answer is `no_worker` at the deadline, from whichever scheduler
     # runs the task's timers: its owner, or a survivor once the owner is gone.
