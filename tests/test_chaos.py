@@ -738,7 +738,15 @@ async def test_e_poison_task_is_dead_lettered_after_the_delivery_limit(
     ``worker_lost`` once, while echo tasks keep flowing through another worker."""
     started = time.monotonic()
     system = system_factory(delivery_limit=2)
-    system.capabilities.add(POISON)
+    system.capabilities.update((POISON, "echo"))
+    procs: list[Proc] = []
+
+    def spawn_kept(args: list[str], env: dict[str, str], name: str = "proc") -> Proc:
+        """Spawned processes, stopped before the system's queues are deleted (they would
+        declare them again)."""
+        procs.append(proc := spawn(args, env, name))
+        return proc
+
     log = ExecLog(tmp_path / "exec.log")
     env = system.env(**{EXEC_LOG_ENV: str(log.path)})
     stop = asyncio.Event()
@@ -746,13 +754,15 @@ async def test_e_poison_task_is_dead_lettered_after_the_delivery_limit(
     supervisor: asyncio.Task[None] | None = None
     try:
         sched, _ = await start_processes(
-            spawn, env, ["-m", "amqpsched.worker", "--capability", "echo", "--concurrency", "4"]
+            spawn_kept,
+            env,
+            ["-m", "amqpsched.worker", "--capability", "echo", "--concurrency", "4"],
         )
         poison_id = "e-poison"
         echo_ids = [f"e{i:04d}" for i in range(150)]
         async with Tally(system) as tally:
             supervisor = asyncio.create_task(
-                supervise(spawn, worker_args(POISON, concurrency=1), env, stop, deaths)
+                supervise(spawn_kept, worker_args(POISON, concurrency=1), env, stop, deaths)
             )
             assert await tally.submit(POISON, {"id": poison_id}, poison_id, timeout=60)
 
@@ -811,4 +821,6 @@ async def test_e_poison_task_is_dead_lettered_after_the_delivery_limit(
         stop.set()
         if supervisor is not None:
             await asyncio.wait({supervisor}, timeout=5)
+        for proc in procs:
+            proc.stop()
         await system.close()
