@@ -85,6 +85,9 @@ DIRECT_HEADER = "amqpsched-direct"
 #: redelivered to the worker: the task may have run before, and its outcome been answered by
 #: another scheduler; the scheduler reads the journal up to now before answering it.
 REDELIVERED_HEADER = "amqpsched-redelivered"
+#: Header of an ``answer`` sent again by a scheduler that could not tell whether the first one
+#: reached its client (section 12 of the protocol): the same answer; keep the first.
+RESENT_HEADER = "amqpsched-resent"
 #: Most tasks in one batch message.
 MAX_BATCH = 1000
 

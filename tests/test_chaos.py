@@ -34,7 +34,7 @@ from aio_pika.abc import (
 from amqpsched import BrokerError, Client, TaskFailed, TaskTimeout
 from amqpsched.client import ANSWER_GRACE
 from amqpsched.errors import DecodeError
-from amqpsched.protocol import Answer, TaskState, decode
+from amqpsched.protocol import RESENT_HEADER, Answer, TaskState, decode
 from amqpsched.transport import H_REASON, H_TASK_ID
 
 from .chaos_apps import EXEC_LOG_ENV
@@ -134,6 +134,8 @@ class Tally:
     unconfirmed: list[str] = field(default_factory=list)
     #: Our own queue's redeliveries after a reconnect (same body again, ``redelivered`` set).
     own_redeliveries: int = 0
+    #: Answers sent again, marked so, the same as the first (docs/protocol.md section 12).
+    resent: int = 0
     mismatched: list[str] = field(default_factory=list)
     changes: int = 0
 
@@ -196,6 +198,11 @@ class Tally:
                 except DecodeError:
                     self.mismatched.append(f"{corr}: undecodable {msg.body[:200]!r}")
                 else:
+                    first = self.answers.get(corr)
+                    if first and (msg.headers or {}).get(RESENT_HEADER) and answer == first[0]:
+                        self.resent += 1  # not a second answer: marked as the same one again
+                        await msg.ack()
+                        return
                     if answer.task_id != corr:
                         self.mismatched.append(f"{corr}: answer for {answer.task_id}")
                     self.answers.setdefault(corr, []).append(answer)

@@ -4,6 +4,7 @@ any answers queries, and a task's timers survive its scheduler."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from amqpsched.batching import Done
 from amqpsched.client import Client, TaskHandle
 from amqpsched.errors import BrokerError
 from amqpsched.protocol import (
+    RESENT_HEADER,
     Answer,
     Kind,
     OutcomeEvent,
@@ -25,13 +27,14 @@ from amqpsched.protocol import (
     TaskMessage,
     TaskState,
     answer_of,
+    decode,
     encode,
 )
 from amqpsched.scheduler import Scheduler
 from amqpsched.scheduler.peers import Peers, rendezvous
 from amqpsched.scheduler.state import TaskRecord
 
-from .conftest import System
+from .conftest import RawClient, System
 
 TIMEOUT = 20.0
 
@@ -424,13 +427,20 @@ async def test_an_answer_refused_that_reached_the_journal_alone_is_sent_again_to
 ) -> None:
     """A refused publish of an answer reached the journal and not its client's reply queue;
     sent again on its own, refused again. The other schedulers read it in the journal and never
-    send it; the scheduler that sent it finds it there and sends it to the client again, which
-    would otherwise wait until its timeout."""
+    send it; the scheduler that sent it finds it there and sends it to the client again, marked
+    as sent again (the client would otherwise wait until its timeout)."""
     scheduler = await system.scheduler()
-    client = await system.client()
-    handle, record = await dispatched_here(scheduler, client)
-    await outcome_answer_refused(scheduler, record, publish="journal")
-    answer = await asyncio.wait_for(handle.answer(), TIMEOUT)
+    async with RawClient(system) as raw:
+        task_id = uuid.uuid4().hex
+        body = {"v": 1, "capability": "echo", "payload": 1, "task_id": task_id, "timeout": 30}
+        corr = await raw.send(json.dumps(body).encode())
+        await wait_until(lambda: scheduler.store.get(task_id) is not None)
+        record = scheduler.store.get(task_id)
+        assert record is not None
+        await outcome_answer_refused(scheduler, record, publish="journal")
+        msg = await raw.reply_message(corr, TIMEOUT)
+    assert (msg.headers or {}).get(RESENT_HEADER) is True
+    answer = decode(Answer, msg.body)
     assert answer.status == Status.SUCCEEDED and answer.result == {"ok": 1}
     assert record.final and not scheduler._unsure_to
 

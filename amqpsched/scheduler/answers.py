@@ -13,6 +13,7 @@ from .. import transport
 from ..batching import Countdown, follow
 from ..errors import BrokerError
 from ..protocol import (
+    RESENT_HEADER,
     Answer,
     Kind,
     encode,
@@ -52,8 +53,9 @@ class Answering(Paging):
     def _went_out(self, answer: Answer) -> None:
         """An answer this scheduler was unsure of is in the journal: it went out. Its client
         may not have it (a refused publish can reach the journal and not the reply queue, and
-        the other schedulers, which read it, will not send it): it is sent to them again. A
-        client that had it already keeps the first (protocol section 12)."""
+        the other schedulers, which read it, will not send it): it is sent to them again,
+        marked ``RESENT_HEADER``. A client that had it already keeps the first (protocol
+        section 12)."""
         task_id = answer.task_id or ""
         self._unsure.pop(task_id, None)
         targets = self._unsure_to.pop(task_id, [])
@@ -62,7 +64,9 @@ class Answering(Paging):
             self.store.finish(record, answer, answer.finished_at or time.time())
             body = encode(answer)
             for reply_to, corr in targets:
-                sent = self.outbox.send(reply_to, corr, Kind.ANSWER, body, record.traceparent)
+                sent = self.outbox.send(
+                    reply_to, corr, Kind.ANSWER, body, record.traceparent, {RESENT_HEADER: True}
+                )
                 asyncio.ensure_future(sent).add_done_callback(log_failure)
             log.info(
                 "answer of %s found in the journal: it went out; sent again to %d client(s)",

@@ -137,12 +137,18 @@ class Outbox:
             unread.confirmed(msg.body, kind, time.monotonic())
 
     async def send(
-        self, reply_to: str, corr: str, kind: Kind, body: bytes, traceparent: str | None = None
+        self,
+        reply_to: str,
+        corr: str,
+        kind: Kind,
+        body: bytes,
+        traceparent: str | None = None,
+        headers: dict[str, Any] | None = None,
     ) -> None:
         await transport.publish(
             self.channel.default_exchange,
             transport.message(
-                body, kind, correlation_id=corr, headers=tracing.headers(traceparent)
+                body, kind, correlation_id=corr, headers=tracing.headers(traceparent, headers)
             ),
             reply_to,
         )
