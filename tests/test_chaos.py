@@ -165,6 +165,9 @@ class Tally:
         assert self._conn is not None
         try:
             async with asyncio.timeout(15):
+                # Its consumer's channel first: a robust channel whose consumer the delete
+                # cancels could declare the queue again before the connection closes.
+                await self._sub.close()
                 channel = await self._conn.channel()
                 await channel.queue_delete(self.queue_name)
         except Exception as err:  # the broker may be gone; x-expires cleans up then
