@@ -43,12 +43,17 @@ def _classic_queues(which: set[str]) -> None:
     durable classic queues instead of quorum queues."""
     from aio_pika.channel import Channel
 
+    from amqpsched.settings import Settings
+    from amqpsched.topology import Topology
+
+    topology = Topology(Settings().namespace)  # the names this process declares
+    cap_prefix = topology.capability_queue("")
     declare = Channel.declare_queue
 
     async def declare_queue(self: Channel, name: str | None = None, **kwargs: Any) -> Any:
         args = dict(kwargs.get("arguments") or {})
-        is_cap = bool(name) and ".cap." in f".{name}"
-        is_results = bool(name) and str(name).endswith("amqpsched.results")
+        is_cap = bool(name) and str(name).startswith(cap_prefix)
+        is_results = name == topology.results_queue
         if args.get("x-queue-type") == "quorum" and (
             ("dispatch" in which and is_cap) or ("results" in which and is_results)
         ):

@@ -163,6 +163,7 @@ async def test_stripping_to_classic_queues_declares_the_capability_and_results_q
     declared classic, so a quorum declaration of the same names is refused; the submit queue
     stays quorum."""
     topology = Topology(namespace=f"t{uuid.uuid4().hex[:10]}")
+    monkeypatch.setenv("AMQPSCHED_NAMESPACE", topology.namespace)  # as in the bench's processes
     monkeypatch.setattr(Channel, "declare_queue", Channel.declare_queue)  # undone after the test
     strip.install(strip.parse("classic-dispatch,classic-results"))
     conn = await aio_pika.connect(amqp_url)
