@@ -13,7 +13,13 @@ Tasks run one at a time; each one's chain of events is cut into segments:
   the client's turn.
 
 A hop is the broker's work and the wake-up of the receiving process; a turn is Python in one
-process (aiormq, aio-pika and the system's own code). Hops are longer than ``--hops`` measures
+process (aiormq, aio-pika and the system's own code). Each hop is cut again, where the bytes
+leave and reach a process (``asyncio.StreamWriter.write`` of the publish, the last
+``asyncio.StreamReader.feed_data`` before the delivery): the sender's *publish path* (aio-pika
+and aiormq building the frames, and the turn of the loop before aiormq's writer sends them), the
+*broker and kernel* (from the sender's socket to the receiver's, including the wait of a busy
+receiver before it reads), and the receiver's *delivery path* (aiormq parsing the frames up to
+the delivery). Only the middle part is outside Python. Hops are longer than ``--hops`` measures
 on an idle broker when the broker is still busy with what the previous task left (acks, the
 outcome's copy for the scheduler, journal writes). The hooks are aiormq's
 ``Channel.basic_publish`` and ``Channel._on_deliver_frame`` (a private method: should an
@@ -22,6 +28,7 @@ aiormq release rename it, ``--timeline`` stops at start with an AttributeError).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import bisect
 import itertools
 import json
@@ -41,6 +48,10 @@ from .procs import Proc
 from .workloads import percentile
 
 PAYLOAD = "x" * 100
+#: An AMQP method frame (type 1) of ``basic.publish`` (class 60, method 40), as aiormq writes a
+#: publish: its method frame first, in one write with the content frames.
+PUBLISH_FRAME_TYPE = 1
+PUBLISH_METHOD = bytes([0, 60, 0, 40])
 WARMUP = 50
 TASKS = 1000
 ROUNDS = 2
@@ -48,7 +59,9 @@ ROUNDS = 2
 
 class Event(NamedTuple):
     ns: int
-    op: str  #: "pub" (a publish starts) or "dlv" (a delivery arrives)
+    #: "pub" (a publish starts), "dlv" (a delivery arrives), "wr" (a publish's frames are
+    #: written to the socket), "rd" (bytes read from the socket)
+    op: str
     exchange: str
     routing_key: str
 
@@ -83,10 +96,31 @@ class Recorder:
         channel.basic_publish = basic_publish  # type: ignore[method-assign]
         channel._on_deliver_frame = on_deliver  # type: ignore[method-assign]
 
+        write = asyncio.StreamWriter.write
+        feed_data = asyncio.StreamReader.feed_data
+
+        def written(self: asyncio.StreamWriter, data: Any) -> None:
+            if is_publish(data):
+                events.append(Event(time.time_ns(), "wr", "", ""))
+            write(self, data)
+
+        def read(self: asyncio.StreamReader, data: Any) -> None:
+            events.append(Event(time.time_ns(), "rd", "", ""))
+            feed_data(self, data)
+
+        asyncio.StreamWriter.write = written  # type: ignore[method-assign]
+        asyncio.StreamReader.feed_data = read  # type: ignore[method-assign]
+
     def write(self, path: str) -> None:
         with open(path, "w") as out:
             for event in self.events:
                 out.write(json.dumps(event) + "\n")
+
+
+def is_publish(data: bytes | bytearray | memoryview) -> bool:
+    """Whether ``data``, one write of aiormq's, starts with a ``basic.publish`` method frame
+    (type, channel, size, then class and method)."""
+    return len(data) >= 11 and data[0] == PUBLISH_FRAME_TYPE and data[7:11] == PUBLISH_METHOD
 
 
 def read_events(path: Path) -> list[Event]:
@@ -99,15 +133,28 @@ def read_events(path: Path) -> list[Event]:
 #: ("" for any; "=" for the exchange of the client's publish that started the chain).
 Step = tuple[str, str, str]
 RAW_CHAIN: list[Step] = [("server", "dlv", ""), ("server", "pub", ""), ("client", "dlv", "")]
+#: The processes a task passes through, from the client back to it.
+RAW_ROLES = ["client", "server", "client"]
+OUR_ROLES = ["client", "scheduler", "worker", "client"]
 
 
 def segments(events: dict[str, list[Event]], chain: list[Step], since: int) -> list[list[float]]:
     """Per task (each client publish after ``since`` ns, up to the next), the µs between the
     steps of ``chain`` and, last, from its last step to the client's next publish. A task whose
     chain is incomplete is skipped."""
+    return _durations(chains(events, chain, since))
+
+
+def _durations(times: list[list[int]]) -> list[list[float]]:
+    return [[(b - a) / 1000 for a, b in itertools.pairwise(t)] for t in times]
+
+
+def chains(events: dict[str, list[Event]], chain: list[Step], since: int) -> list[list[int]]:
+    """Per task, as :func:`segments` takes them, the times (ns) of its client publish, of each
+    step of ``chain``, and of the client's next publish."""
     starts = [e for e in events["client"] if e.op == "pub" and e.ns >= since]
     times_of = {role: [e.ns for e in evs] for role, evs in events.items()}
-    found: list[list[float]] = []
+    found: list[list[int]] = []
     for start, following in itertools.pairwise(starts):
         times = [start.ns]
         for role, op, exchange in chain:
@@ -125,7 +172,49 @@ def segments(events: dict[str, list[Event]], chain: list[Step], since: int) -> l
             times.append(hit)
         else:
             times.append(following.ns)
-            found.append([(b - a) / 1000 for a, b in itertools.pairwise(times)])
+            found.append(times)
+    return found
+
+
+#: Three parts of a hop, in µs: the sender's publish path, the broker and kernel, the
+#: receiver's delivery path.
+HopParts = tuple[float, float, float]
+
+
+def hop_parts(
+    events: dict[str, list[Event]], sender: str, receiver: str, published: int, delivered: int
+) -> HopParts | None:
+    """A hop from ``sender``'s publish (started at ``published`` ns) to ``receiver``'s delivery
+    (at ``delivered``), cut where the publish was written to the sender's socket (its first
+    publish write since) and where the receiver last read its socket before the delivery. None
+    if either is missing or out of order."""
+    writes = [e.ns for e in events.get(sender, []) if e.op == "wr"]
+    reads = [e.ns for e in events.get(receiver, []) if e.op == "rd"]
+    i = bisect.bisect_left(writes, published)
+    j = bisect.bisect_right(reads, delivered) - 1
+    if i == len(writes) or j < 0:
+        return None
+    wrote, read = writes[i], reads[j]
+    if not published <= wrote <= read <= delivered:
+        return None
+    return ((wrote - published) / 1000, (read - wrote) / 1000, (delivered - read) / 1000)
+
+
+def split_hops(
+    events: dict[str, list[Event]], roles: list[str], times: list[list[int]]
+) -> list[list[HopParts]]:
+    """Each task's hops cut in three (:func:`hop_parts`); ``roles`` are the processes a task
+    passes through, from the client back to it (``times`` as :func:`chains` gives them: a
+    publish, then the next process's delivery, and so on). A task with a hop that cannot be cut
+    is left out."""
+    found: list[list[HopParts]] = []
+    for t in times:
+        parts = [
+            hop_parts(events, roles[k], roles[k + 1], t[2 * k], t[2 * k + 1])
+            for k in range(len(roles) - 1)
+        ]
+        if all(p is not None for p in parts):
+            found.append([p for p in parts if p is not None])
     return found
 
 
@@ -201,24 +290,44 @@ def _collect(out_dir: Path) -> dict[str, list[Event]]:
     return events
 
 
-def _report(name: str, labels: list[str], rows: list[list[float]]) -> tuple[list[float], float]:
-    """Print each segment's median, p90 and p99, and the round trip's; return the medians and
-    the round trip's median."""
-    columns = [sorted(r[i] for r in rows) for i in range(len(labels))]
-    medians = [percentile(c, 0.5) for c in columns]
-    totals = sorted(sum(r) for r in rows)
-    print(f"  {name}: {len(rows)} tasks; µs: median (p90, p99)")
-    for label, column, median in zip(labels, columns, medians, strict=True):
-        print(
-            f"    {label:34} {median:7.0f}  ({percentile(column, 0.9):.0f}, "
-            f"{percentile(column, 0.99):.0f})"
-        )
-    trip = percentile(totals, 0.5)
+def _line(label: str, column: list[float], indent: int = 4) -> float:
+    """Print one segment: its median, p90 and p99; return the median."""
+    column = sorted(column)
+    median = percentile(column, 0.5)
     print(
-        f"    {'round trip, publish to publish':34} {trip:7.0f}  "
-        f"({percentile(totals, 0.9):.0f}, {percentile(totals, 0.99):.0f})"
+        f"{' ' * indent}{label:{38 - indent}} {median:7.0f}  ({percentile(column, 0.9):.0f}, "
+        f"{percentile(column, 0.99):.0f})"
     )
+    return median
+
+
+def _report(
+    name: str,
+    labels: list[str],
+    rows: list[list[float]],
+    roles: list[str],
+    parts: list[list[HopParts]],
+) -> tuple[list[float], float]:
+    """Print each segment's median, p90 and p99 (under each hop, its three parts, from the
+    tasks whose hops could all be cut), and the round trip's; return the medians and the round
+    trip's median."""
+    print(f"  {name}: {len(rows)} tasks; µs: median (p90, p99)")
+    medians = []
+    for i, label in enumerate(labels):
+        medians.append(_line(label, [r[i] for r in rows]))
+        if i % 2 == 0 and parts:
+            hop = i // 2
+            sender, receiver = roles[hop], roles[hop + 1]
+            _line(f"{sender}'s publish path", [p[hop][0] for p in parts], 6)
+            _line("broker and kernel", [p[hop][1] for p in parts], 6)
+            _line(f"{receiver}'s delivery path", [p[hop][2] for p in parts], 6)
+    trip = _line("round trip, publish to publish", [sum(r) for r in rows])
     return medians, trip
+
+
+def _broker(parts: list[list[HopParts]]) -> float:
+    """The median, over tasks, of the time a task's hops spent in the broker and kernel."""
+    return percentile(sorted(sum(hop[1] for hop in p) for p in parts), 0.5) if parts else 0.0
 
 
 async def run_timeline(args: argparse.Namespace) -> int:
@@ -236,12 +345,16 @@ async def run_timeline(args: argparse.Namespace) -> int:
     recorder.install()
     raw_rows: list[list[float]] = []
     ours_rows: list[list[float]] = []
+    raw_parts: list[list[HopParts]] = []
+    ours_parts: list[list[HopParts]] = []
     raw_counts: dict[str, tuple[float, float]] = {}
     ours_counts: dict[str, tuple[float, float]] = {}
     for round_ in range(rounds):
         ctx = Context(f"{run_id}r{round_}", args.amqp_url, log_dir, args.quick)
         events, span, _ = await _run_system(RawAioPika, ctx, recorder, tasks, out_dir)
-        raw_rows += segments(events, RAW_CHAIN, span[0])
+        times = chains(events, RAW_CHAIN, span[0])
+        raw_rows += _durations(times)
+        raw_parts += split_hops(events, RAW_ROLES, times)
         raw_counts = messages_per_task(events, span, tasks)
         events, span, system = await _run_system(
             Amqpsched, ctx, recorder, tasks, out_dir, args.strip
@@ -254,7 +367,9 @@ async def run_timeline(args: argparse.Namespace) -> int:
             ("worker", "pub", topology.replies_exchange),
             ("client", "dlv", topology.replies_exchange),
         ]
-        ours_rows += segments(events, chain, span[0])
+        times = chains(events, chain, span[0])
+        ours_rows += _durations(times)
+        ours_parts += split_hops(events, OUR_ROLES, times)
         ours_counts = messages_per_task(events, span, tasks)
     print(f"timeline: a lone task, one at a time, {rounds} x {tasks} per system (logs: {log_dir})")
     if args.strip:
@@ -266,6 +381,8 @@ async def run_timeline(args: argparse.Namespace) -> int:
         "raw-aio-pika",
         ["request hop (quorum)", "server's turn", "reply hop (classic)", "client's turn"],
         raw_rows,
+        RAW_ROLES,
+        raw_parts,
     )
     _print_messages("raw-aio-pika", raw_counts)
     ours, ours_trip = _report(
@@ -279,6 +396,8 @@ async def run_timeline(args: argparse.Namespace) -> int:
             "client's turn",
         ],
         ours_rows,
+        OUR_ROLES,
+        ours_parts,
     )
     _print_messages("amqpsched", ours_counts)
     if raw and ours:
@@ -289,5 +408,13 @@ async def run_timeline(args: argparse.Namespace) -> int:
             f"(x{hops_ours / hops_raw:.2f}); turns: amqpsched {turns_ours:.0f} µs, raw "
             f"{turns_raw:.0f} (x{turns_ours / turns_raw:.2f}); round trip: amqpsched "
             f"{ours_trip:.0f} µs, raw {raw_trip:.0f} (x{ours_trip / raw_trip:.2f})"
+        )
+    if raw_parts and ours_parts:
+        broker_ours, broker_raw = _broker(ours_parts), _broker(raw_parts)
+        print(
+            f"  broker and kernel alone: amqpsched {broker_ours:.0f} µs, raw {broker_raw:.0f} "
+            f"(x{broker_ours / broker_raw:.2f}); amqpsched's is x{broker_ours / raw_trip:.2f} "
+            f"the raw RPC's whole round trip; the rest of each round trip is Python: amqpsched "
+            f"{ours_trip - broker_ours:.0f} µs, raw {raw_trip - broker_raw:.0f}"
         )
     return 0

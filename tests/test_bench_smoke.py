@@ -18,7 +18,7 @@ from aio_pika.channel import Channel
 from amqpsched.topology import Topology
 from bench import strip
 from bench.hops import bursts
-from bench.timeline import Event, segments
+from bench.timeline import Event, hop_parts, is_publish, segments, split_hops
 from bench.workloads import Measurement, median_run, plan
 
 from .conftest import ROOT
@@ -133,6 +133,12 @@ def test_bench_timeline_cuts_both_round_trips_into_hops_and_turns(amqp_url: str)
         assert median is not None and int(median.group(1)) > 0, line
     # Every task of each system was cut (one less than run: the last has no next publish).
     assert "raw-aio-pika: 99 tasks" in proc.stdout and "amqpsched: 99 tasks" in proc.stdout
+    # Each hop is cut where its bytes left one process and reached the next.
+    for label in ("scheduler's publish path", "worker's delivery path", "server's publish path"):
+        assert label in proc.stdout, proc.stdout
+    parts = [x for x in lines if re.match(r"\s+broker and kernel\s+\d", x)]
+    assert len(parts) == 5, proc.stdout  # amqpsched's 3 hops, the raw RPC's 2
+    assert "broker and kernel alone: amqpsched" in proc.stdout
     # The scheduler takes each submission, its outcome and its dispatch read back from the
     # journal: at least three deliveries a task (answers read back may come together).
     assert _scheduler_messages(proc.stdout)[1] >= 3.0, proc.stdout
@@ -201,3 +207,38 @@ def test_a_timeline_takes_each_step_after_the_one_before_and_skips_broken_chains
     # The second task's chain breaks (no publish by the server): it is skipped.
     assert segments(events, chain, since=0) == [[20.0, 10.0, 20.0, 50.0]]
     assert segments(events, chain, since=1000) == []
+
+
+def test_a_hop_is_cut_at_the_senders_publish_write_and_the_receivers_last_read() -> None:
+    def ev(us: int, op: str) -> Event:
+        return Event(us * 1000, op, "", "")
+
+    events = {
+        # A publish write before the publish started is another one's.
+        "client": [ev(0, "wr"), ev(10, "pub"), ev(40, "wr"), ev(400, "rd"), ev(450, "dlv")],
+        # The last read before the delivery holds it; an earlier one held something else.
+        "server": [ev(100, "rd"), ev(300, "rd"), ev(330, "dlv"), ev(340, "pub"), ev(360, "wr")],
+    }
+    assert hop_parts(events, "client", "server", 10_000, 330_000) == (30.0, 260.0, 30.0)
+    assert hop_parts(events, "server", "client", 340_000, 450_000) == (20.0, 40.0, 50.0)
+    # Nothing written since the publish: the hop cannot be cut.
+    assert hop_parts(events, "server", "client", 370_000, 450_000) is None
+    times = [[10_000, 330_000, 340_000, 450_000, 500_000]]
+    assert split_hops(events, ["client", "server", "client"], times) == [
+        [(30.0, 260.0, 30.0), (20.0, 40.0, 50.0)]
+    ]
+    assert (
+        split_hops(
+            events, ["client", "server", "client"], [[10_000, 330_000, 370_000, 450_000, 500_000]]
+        )
+        == []
+    )
+
+
+def test_a_publish_write_is_told_by_its_first_frame() -> None:
+    publish = bytes([1, 0, 1, 0, 0, 0, 20, 0, 60, 0, 40]) + b"rest of the frames"
+    ack = bytes([1, 0, 1, 0, 0, 0, 13, 0, 60, 0, 80]) + bytes(13)
+    assert is_publish(publish)
+    assert not is_publish(ack)
+    assert not is_publish(b"x" * 7 + bytes([0, 60, 0, 40]))  # not a method frame
+    assert not is_publish(b"")
