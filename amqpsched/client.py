@@ -21,7 +21,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnec
 from prometheus_client import CollectorRegistry
 
 from . import tracing, transport
-from .batching import MAX_BATCH_BYTES, Coalescer
+from .batching import MAX_BATCH_BYTES, Coalescer, joined
 from .errors import (
     AmqpschedError,
     BrokerError,
@@ -107,9 +107,9 @@ class _Submission:
         extra = b',"correlation_id":"' + corr.encode() + b'"'
         if traceparent is not None:
             extra += b',"traceparent":"' + traceparent.encode() + b'"'
-        return cls(
-            single=b'{"v":%d,' % PROTOCOL_VERSION + fields + b"}",
-            item=b"{" + fields + extra + b"}",
+        return cls(  # each copied once (see batching.joined)
+            single=b"".join((b'{"v":%d,' % PROTOCOL_VERSION, fields, b"}")),
+            item=b"".join((b"{", fields, extra, b"}")),
             task_id=body["task_id"],
             correlation_id=corr,
             traceparent=traceparent,
@@ -433,7 +433,7 @@ class Client:
                 Kind.SUBMIT, one.single, one.correlation_id, one.traceparent, one.task_id
             )
             return
-        body = b'{"v":%d,"tasks":[' % PROTOCOL_VERSION + b",".join(i.item for i in items) + b"]}"
+        body = joined(b'{"v":%d,"tasks":[' % PROTOCOL_VERSION, (i.item for i in items), b"]}")
         corr = random_id()
         self._batches[corr] = [item.correlation_id for item in items]
         try:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 
 import pytest
 
-from amqpsched.batching import Coalescer, Countdown, KeyedCoalescer, batch_body
+from amqpsched.batching import Coalescer, Countdown, KeyedCoalescer, batch_body, joined
 from amqpsched.protocol import (
     BATCH_FEATURE,
     Answer,
@@ -317,3 +318,12 @@ async def test_slots_are_handed_on_in_order_and_refused_once_closed() -> None:
     slots.release()
     slots.release()
     assert slots.free == 2, "slots taken before the close come back"
+
+
+def test_joined_is_head_items_and_tail_with_separators() -> None:
+    assert joined(b"[", [], b"]") == b"[]"
+    assert joined(b"[", [b"1"], b"]") == b"[1]"
+    assert joined(b"[", iter([b"1", b"22", b"333"]), b"]") == b"[1,22,333]"
+    assert joined(b"", [b"a", b"b"], b"", sep=b"\n") == b"a\nb"
+    many = [b"x" * 65536] * 16  # as a batch of 64 KiB tasks: valid JSON, every item whole
+    assert json.loads(joined(b"[", [b'"' + m + b'"' for m in many], b"]")) == ["x" * 65536] * 16

@@ -68,11 +68,12 @@ def failure(record: TaskRecord, error: ErrorType, message: str, now: float, **ex
 
 def answer_batch_body(answers: list[tuple[str, bytes]]) -> bytes:
     """The body of an ``answer_batch``: (correlation id, encoded answer) pairs."""
-    items = b",".join(
-        b'{"correlation_id":' + json.dumps(corr).encode() + b',"answer":' + answer + b"}"
-        for corr, answer in answers
-    )
-    return b'{"v":1,"answers":[' + items + b"]}"
+    parts = [b'{"v":1,"answers":[']
+    for i, (corr, answer) in enumerate(answers):
+        head = b'{"correlation_id":' + json.dumps(corr).encode() + b',"answer":'
+        parts += (b"," + head if i else head, answer, b"}")
+    parts.append(b"]}")
+    return b"".join(parts)  # copied once (see batching.joined)
 
 
 #: (task, its traceparent, the task encoded); (correlation id, answer encoded, traceparent).
