@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import datetime
 import json
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ import pytest
 from pydantic import BaseModel, ValidationError
 from yarl import URL
 
+from amqpsched.client import _Submission, _submission_body
 from amqpsched.errors import ConfigurationError, DecodeError
 from amqpsched.protocol import (
     Answer,
@@ -677,3 +680,28 @@ def test_a_started_service_freezes_what_exists_and_collects_less_often() -> None
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_a_submission_is_serialised_as_json_and_rejects_what_is_not() -> None:
+    @dataclasses.dataclass
+    class Point:
+        x: int
+        y: float
+
+    payload = {"text": "é\u2028", "n": [1, 2.5, None, True], "when": datetime.date(2026, 1, 2)}
+    body = _submission_body("echo", {**payload, "point": Point(1, 2.5)}, task_id="t1", timeout=9.0)
+    sub = _Submission.of(body, "corr1", None)
+    single = json.loads(sub.single)
+    assert single["v"] == 1 and single["task_id"] == "t1" and single["timeout"] == 9.0
+    assert single["payload"] == {
+        "text": "é\u2028",
+        "n": [1, 2.5, None, True],
+        "when": "2026-01-02",
+        "point": {"x": 1, "y": 2.5},
+    }
+    item = json.loads(sub.item)
+    assert item["correlation_id"] == "corr1" and item["payload"] == single["payload"]
+    with pytest.raises(TypeError, match="not JSON serialisable"):
+        _Submission.of(_submission_body("echo", object()), "c", None)
+    # NaN goes as NaN, which the scheduler refuses as not JSON (it is not silently null)
+    assert b"NaN" in _Submission.of(_submission_body("echo", float("nan")), "c", None).single
