@@ -563,10 +563,17 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _may_hold_constants(raw: bytes) -> bool:
+    """Whether ``raw`` may hold ``NaN`` or ``Infinity``. A one-byte search runs at memory speed,
+    where CPython's search for the words crawls over some bodies (1 ms a MiB of digits, or of
+    one repeated letter, against 0.03 ms for both letters)."""
+    return (b"N" in raw and b"NaN" in raw) or (b"I" in raw and b"Infinity" in raw)
+
+
 def decode(model: type[M], raw: bytes) -> M:
     """Decode ``raw`` as ``model``; raise :class:`DecodeError` with a reason a human can act on.
     Types are checked strictly: ``"5"`` is not a number and ``true`` is not 1."""
-    if b"NaN" not in raw and b"Infinity" not in raw:  # pydantic takes them, JSON does not
+    if not _may_hold_constants(raw):  # pydantic takes NaN and Infinity, JSON does not
         try:  # one parse when the body is good; the reason is found below when it is not
             return model.model_validate_json(raw, strict=True)
         except ValidationError:

@@ -705,3 +705,20 @@ def test_a_submission_is_serialised_as_json_and_rejects_what_is_not() -> None:
         _Submission.of(_submission_body("echo", object()), "c", None)
     # NaN goes as NaN, which the scheduler refuses as not JSON (it is not silently null)
     assert b"NaN" in _Submission.of(_submission_body("echo", float("nan")), "c", None).single
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"NaN", b"Infinity", b"-Infinity", b"[1, NaN]", b'{"a": Infinity}'],
+)
+def test_nan_and_infinity_are_refused_wherever_they_are(payload: bytes) -> None:
+    raw = b'{"v": 1, "capability": "echo", "payload": ' + payload + b', "task_id": "t"}'
+    with pytest.raises(DecodeError) as info:
+        decode(SubmitRequest, raw)
+    assert info.value.reason == "malformed_json"
+
+
+def test_nan_and_infinity_inside_strings_are_text() -> None:
+    for text in (b"NaN", b"Infinity", b"N" * 100, b"I" * 100):
+        raw = b'{"v": 1, "capability": "echo", "payload": "' + text + b'", "task_id": "t"}'
+        assert decode(SubmitRequest, raw).payload == text.decode()
