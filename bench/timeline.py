@@ -182,14 +182,12 @@ HopParts = tuple[float, float, float]
 
 
 def hop_parts(
-    events: dict[str, list[Event]], sender: str, receiver: str, published: int, delivered: int
+    writes: list[int], reads: list[int], published: int, delivered: int
 ) -> HopParts | None:
-    """A hop from ``sender``'s publish (started at ``published`` ns) to ``receiver``'s delivery
-    (at ``delivered``), cut where the publish was written to the sender's socket (its first
-    publish write since) and where the receiver last read its socket before the delivery. None
-    if either is missing or out of order."""
-    writes = [e.ns for e in events.get(sender, []) if e.op == "wr"]
-    reads = [e.ns for e in events.get(receiver, []) if e.op == "rd"]
+    """A hop from a publish (started at ``published`` ns) to its delivery (at ``delivered``), cut
+    at the first of the sender's publish ``writes`` since (sorted, ns) and the last of the
+    receiver's socket ``reads`` before the delivery. None if either is missing or out of
+    order."""
     i = bisect.bisect_left(writes, published)
     j = bisect.bisect_right(reads, delivered) - 1
     if i == len(writes) or j < 0:
@@ -207,10 +205,12 @@ def split_hops(
     passes through, from the client back to it (``times`` as :func:`chains` gives them: a
     publish, then the next process's delivery, and so on). A task with a hop that cannot be cut
     is left out."""
+    writes = {r: [e.ns for e in events.get(r, []) if e.op == "wr"] for r in set(roles)}
+    reads = {r: [e.ns for e in events.get(r, []) if e.op == "rd"] for r in set(roles)}
     found: list[list[HopParts]] = []
     for t in times:
         parts = [
-            hop_parts(events, roles[k], roles[k + 1], t[2 * k], t[2 * k + 1])
+            hop_parts(writes[roles[k]], reads[roles[k + 1]], t[2 * k], t[2 * k + 1])
             for k in range(len(roles) - 1)
         ]
         if all(p is not None for p in parts):

@@ -219,10 +219,11 @@ def test_a_hop_is_cut_at_the_senders_publish_write_and_the_receivers_last_read()
         # The last read before the delivery holds it; an earlier one held something else.
         "server": [ev(100, "rd"), ev(300, "rd"), ev(330, "dlv"), ev(340, "pub"), ev(360, "wr")],
     }
-    assert hop_parts(events, "client", "server", 10_000, 330_000) == (30.0, 260.0, 30.0)
-    assert hop_parts(events, "server", "client", 340_000, 450_000) == (20.0, 40.0, 50.0)
+    client_writes, server_reads = [0, 40_000], [100_000, 300_000]
+    assert hop_parts(client_writes, server_reads, 10_000, 330_000) == (30.0, 260.0, 30.0)
+    assert hop_parts([360_000], [400_000], 340_000, 450_000) == (20.0, 40.0, 50.0)
     # Nothing written since the publish: the hop cannot be cut.
-    assert hop_parts(events, "server", "client", 370_000, 450_000) is None
+    assert hop_parts([360_000], [400_000], 370_000, 450_000) is None
     times = [[10_000, 330_000, 340_000, 450_000, 500_000]]
     assert split_hops(events, ["client", "server", "client"], times) == [
         [(30.0, 260.0, 30.0), (20.0, 40.0, 50.0)]
