@@ -34,7 +34,7 @@ from .sys_amqpsched import Amqpsched, AmqpschedMap, AmqpschedNoDirect, Amqpsched
 from .sys_celery import CelerySystem
 from .sys_dramatiq import DramatiqSystem
 from .sys_raw import RawAioPika
-from .workloads import Measurement, Row, Workload, median_run, payload_of, plan
+from .workloads import SHAPES, Measurement, Row, Workload, median_run, payload_of, plan
 
 SYSTEMS: dict[str, type[System]] = {
     cls.name: cls
@@ -61,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated subset of {','.join(SYSTEMS)} (default: all)",
     )
     p.add_argument("--quick", action="store_true", help="a smoke run: small counts, seconds")
+    p.add_argument(
+        "--payload-shape",
+        choices=SHAPES,
+        default="text",
+        help="text: each payload one JSON string (default); rows: a list of small objects of "
+        "about the same size",
+    )
     p.add_argument("--json", type=Path, metavar="PATH", help="write the rows as a JSON list")
     p.add_argument("--plot", type=Path, metavar="PATH", help="write a PNG: tasks/s vs in flight")
     p.add_argument(
@@ -252,6 +259,8 @@ async def run(args: argparse.Namespace, names: list[str]) -> int:
         + f"\nbench: {machine.get('cpu', '?')}; run {run_id}; logs in {log_dir}",
         flush=True,
     )
+    if args.payload_shape != "text":
+        print(f"bench: payloads: {args.payload_shape}", flush=True)
     workloads = plan(args.quick)
     rows: list[Row] = []
     memory: list[tuple[str, str, float, float]] = []
@@ -259,7 +268,9 @@ async def run(args: argparse.Namespace, names: list[str]) -> int:
     started = time.monotonic()
     try:
         for name in names:
-            rows += await _run_system(SYSTEMS[name], ctx, workloads, broker, memory, args.py_spy)
+            rows += await _run_system(
+                SYSTEMS[name], ctx, workloads, broker, memory, args.py_spy, args.payload_shape
+            )
     finally:
         await ctx.close()
     print()
@@ -292,6 +303,7 @@ async def _run_system(
     broker: int | None,
     memory: list[tuple[str, str, float, float]],
     py_spy_dir: Path | None = None,
+    shape: str = "text",
 ) -> list[Row]:
     reason = cls.unavailable()
     system = cls(ctx)
@@ -325,7 +337,9 @@ async def _run_system(
             try:
                 for _ in range(w.runs):
                     runs.append(
-                        await asyncio.wait_for(system.run(w, payload_of(w.payload_bytes)), cap)
+                        await asyncio.wait_for(
+                            system.run(w, payload_of(w.payload_bytes, shape)), cap
+                        )
                     )
             finally:
                 if sampler is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 from collections import deque
@@ -76,9 +77,24 @@ def plan(quick: bool) -> list[Workload]:
     ]
 
 
-def payload_of(size: int) -> str:
-    """The echo payload: a JSON string of ``size`` ASCII characters (``size`` bytes)."""
-    return "x" * size
+#: ``--payload-shape``: what a payload is made of.
+SHAPES = ("text", "rows")
+
+
+def payload_of(size: int, shape: str = "text") -> Any:
+    """The echo payload of about ``size`` bytes of JSON. ``text``: one string of ``size``
+    ASCII characters. ``rows``: a list of small objects (numbers, strings, a list), as a
+    payload of records would be; the fewest rows that reach ``size`` bytes, at least one."""
+    if shape == "text":
+        return "x" * size
+    rows: list[dict[str, Any]] = []
+    length = 1  # the list's brackets, less the last comma
+    while length < size or not rows:
+        i = len(rows)
+        row = {"id": i, "name": f"item {i}", "score": i * 0.25, "tags": ["a", "b"]}
+        rows.append(row)
+        length += len(json.dumps(row)) + 2
+    return rows
 
 
 @dataclass

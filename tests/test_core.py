@@ -292,6 +292,28 @@ BAD_INPUTS = [
     ("unknown_version", b'{"v": 99, "capability": "echo", "payload": 1}', None),
     ("unknown_type", b'{"v": 1}', "frobnicate"),
     ("timeout_too_large", b'{"v": 1, "capability": "echo", "payload": 1, "timeout": 1e12}', None),
+    # large bodies: their payloads are kept raw (scheduler.submissions), and refused all the same
+    (
+        "invalid_fields",
+        b'{"v": 1, "capability": "echo", "payload": '
+        + b"[" * 200
+        + b'"'
+        + b"x" * 3000
+        + b'"'
+        + b"]" * 200
+        + b"}",
+        None,
+    ),
+    (
+        "malformed_json",
+        b'{"v": 1, "capability": "echo", "payload": ["' + b"\xff" * 3000 + b'"]}',
+        None,
+    ),
+    (
+        "invalid_fields",
+        b'{"v": 1, "capability": "echo", "payload": "' + b"x" * 3000 + b'", "x": 1}',
+        None,
+    ),
 ]
 
 
@@ -352,6 +374,27 @@ async def test_concurrent_large_tasks_stay_under_a_low_message_limit(
         assert await system.dead_letters(0) == []
     finally:
         await system.close()
+
+
+async def test_large_structured_payloads_reach_the_worker_as_they_were_sent(system: System) -> None:
+    """The scheduler passes a large payload on as the client's bytes, alone or in batches."""
+    await system.scheduler()
+    await system.worker("echo")
+    client = await system.client()
+    rows = [
+        {
+            "id": i,
+            "name": f"r\u00e9sum\u00e9 {i} \u2603",
+            "score": i / 7,
+            "big": 2**70 + i,
+            "tags": ["a\n", '"q"'],
+        }
+        for i in range(300)
+    ]
+    assert await client.call("echo", rows, timeout=20) == rows
+    payloads = [[i, rows] for i in range(8)]  # at once: one submit_batch, task batches
+    results = await asyncio.gather(*(client.call("echo", p, timeout=20) for p in payloads))
+    assert results == payloads
 
 
 async def test_missing_reply_to_is_dead_lettered_without_answer(system: System) -> None:

@@ -30,7 +30,6 @@ from ..protocol import (
     TaskState,
     accepts,
     construct,
-    decode,
     encode,
 )
 from ..transport import IncomingMessage
@@ -39,6 +38,7 @@ from .base import KIND_NAMES, wait_all
 from .journal import cancelled
 from .outbox import failure
 from .state import TaskRecord
+from .submissions import decode_request
 
 log = logging.getLogger("amqpsched.scheduler")
 
@@ -86,7 +86,7 @@ class Requests(Answering):
             await self._reject(msg, "unknown_type", f"unknown message type {kind_name!r}")
             return
         try:
-            request: BaseModel = decode(model, msg.body)
+            request: BaseModel = decode_request(model, msg.body)
         except DecodeError as exc:
             await self._reject(msg, exc.reason, exc.detail)
             return

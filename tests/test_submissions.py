@@ -1,0 +1,152 @@
+"""The scheduler's decoding of client requests with large payloads kept as their bytes: pure,
+no broker (``amqpsched.scheduler.submissions``)."""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+import pytest
+
+from amqpsched.errors import DecodeError
+from amqpsched.protocol import RawJson, SubmitBatch, SubmitRequest, TaskMessage, construct, decode
+from amqpsched.protocol import encode as encode_model
+from amqpsched.scheduler.submissions import MAX_DEPTH, RAW_FROM, decode_request, too_deep
+
+ROWS = [
+    {"id": i, "name": f"item {i} é \u2603", "score": i * 0.1, "tags": ["a", 'b\n"q"'], "n": None}
+    for i in range(60)
+]
+
+
+def _body(payload: Any, **fields: Any) -> bytes:
+    return json.dumps({"v": 1, "capability": "echo", "payload": payload, **fields}).encode()
+
+
+def _task(payload: Any) -> TaskMessage:
+    return construct(
+        TaskMessage,
+        task_id="t1",
+        capability="echo",
+        payload=payload,
+        attempt=1,
+        submitted_at=1.0,
+        deadline=2.0,
+        reply_to="r",
+        correlation_id="c",
+    )
+
+
+def test_a_large_payload_is_kept_as_its_bytes_and_written_back_unchanged() -> None:
+    payload_bytes = json.dumps(ROWS, ensure_ascii=False).encode()
+    body = b'{"v": 1, "capability": "echo", "timeout": 5, "payload": ' + payload_bytes + b"}"
+    assert len(body) >= RAW_FROM
+    request = decode_request(SubmitRequest, body)
+    assert request.payload == RawJson(payload_bytes)
+    assert request.timeout == 5 and request.capability == "echo"
+    parsed = decode(SubmitRequest, body)
+    assert request.model_copy(update={"payload": parsed.payload}) == parsed
+    # the dispatch carries the client's bytes, and means what the decoded payload means
+    encoded = encode_model(_task(request.payload))
+    assert payload_bytes in encoded
+    assert json.loads(encoded) == json.loads(encode_model(_task(parsed.payload)))
+    assert TaskMessage.model_validate_json(encoded).payload == ROWS
+
+
+def test_small_bodies_are_decoded_whole() -> None:
+    body = _body({"x": 1})
+    assert len(body) < RAW_FROM
+    assert decode_request(SubmitRequest, body).payload == {"x": 1}
+
+
+BIG = "x" * RAW_FROM
+BAD_LARGE = [
+    _body(BIG).replace(b'"v": 1', b'"v": 1.0'),
+    _body(BIG).replace(b'"v": 1, ', b""),
+    _body(BIG).replace(b'"capability"', b'"capabilty"'),
+    _body(BIG)[:-5],
+    _body(BIG).replace(b"xxxx", b"x\xffx", 1),
+    _body(BIG).replace(b'"echo"', b'"e cho"'),
+    _body([1, "NaN", BIG]).replace(b'"NaN"', b"NaN"),
+    _body(BIG, timeout=-1),
+    _body(BIG).replace(b'"payload": "x', b'"payload": "\\ud800x'),
+    _body(BIG).replace(b'"payload": "x', b'"payload": [1, 2,] , "z": "x'),
+    b"[" + _body(BIG) + b"]",
+    _body(BIG).replace(b'"payload": ', b""),
+    _body(BIG, extra=1),
+]
+
+
+@pytest.mark.parametrize("body", BAD_LARGE)
+def test_a_large_request_is_refused_for_the_reason_a_whole_decode_gives(body: bytes) -> None:
+    with pytest.raises(DecodeError) as whole:
+        decode(SubmitRequest, body)
+    with pytest.raises(DecodeError) as raw:
+        decode_request(SubmitRequest, body)
+    assert (raw.value.reason, raw.value.detail) == (whole.value.reason, whole.value.detail)
+
+
+def test_a_batch_of_large_payloads_keeps_each_raw_and_small_ones_whole() -> None:
+    def batch(payload: Any) -> bytes:
+        tasks = [
+            {
+                "task_id": f"t{i}",
+                "correlation_id": f"c{i}",
+                "capability": "echo",
+                "payload": payload,
+            }
+            for i in range(4)
+        ]
+        return json.dumps({"v": 1, "tasks": tasks}).encode()
+
+    big = decode_request(SubmitBatch, batch(ROWS))
+    assert [t.task_id for t in big.tasks] == ["t0", "t1", "t2", "t3"]
+    assert all(type(t.payload) is RawJson for t in big.tasks)
+    assert [json.loads(t.payload.raw) for t in big.tasks] == [ROWS] * 4  # type: ignore[union-attr]
+    small = decode_request(SubmitBatch, batch({"x": 1}))
+    assert [t.payload for t in small.tasks] == [{"x": 1}] * 4
+    wrong = batch(ROWS).replace(b'"c2"', b'""')
+    with pytest.raises(DecodeError) as raw:
+        decode_request(SubmitBatch, wrong)
+    with pytest.raises(DecodeError) as whole:
+        decode(SubmitBatch, wrong)
+    assert raw.value.detail == whole.value.detail
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    return 0
+
+
+def _nested(rng: random.Random, depth: int) -> Any:
+    if depth == 0:  # leaves that look like structure: brackets and quotes in strings
+        return rng.choice(["x]", "[[", 'a"b', 1, "\\", "}{", "\\]", ""])
+    if rng.random() < 0.5:
+        return [_nested(rng, depth - 1) for _ in range(rng.randint(0, 3))]
+    return {f"k{rng.random()}[": _nested(rng, depth - 1) for _ in range(rng.randint(0, 3))}
+
+
+def test_too_deep_counts_nesting_as_a_parser_does() -> None:
+    rng = random.Random(6)
+    for _ in range(1500):
+        value = _nested(rng, rng.randint(0, 10))
+        raw = json.dumps(value).encode()
+        depth = _depth(value)
+        for limit in range(12):
+            assert too_deep(raw, limit) == (depth > limit), (raw, limit)
+
+
+@pytest.mark.parametrize("filler", ["", BIG])
+def test_a_payload_nested_deeper_than_the_limit_is_refused_small_or_large(filler: str) -> None:
+    def nested(depth: int) -> bytes:
+        return _body([1]).replace(b"[1]", b"[" * depth + json.dumps(filler).encode() + b"]" * depth)
+
+    assert decode_request(SubmitRequest, nested(MAX_DEPTH)).capability == "echo"
+    for depth in (MAX_DEPTH + 1, 1000):
+        with pytest.raises(DecodeError) as info:
+            decode_request(SubmitRequest, nested(depth))
+        assert info.value.reason == "invalid_fields"
