@@ -102,8 +102,9 @@ def test_a_batch_of_large_payloads_keeps_each_raw_and_small_ones_whole() -> None
 
     big = decode_request(SubmitBatch, batch(ROWS))
     assert [t.task_id for t in big.tasks] == ["t0", "t1", "t2", "t3"]
-    assert all(type(t.payload) is RawJson for t in big.tasks)
-    assert [json.loads(t.payload.raw) for t in big.tasks] == [ROWS] * 4  # type: ignore[union-attr]
+    payloads: list[Any] = [t.payload for t in big.tasks]
+    assert all(type(p) is RawJson for p in payloads)
+    assert [json.loads(p.raw) for p in payloads] == [ROWS] * 4
     small = decode_request(SubmitBatch, batch({"x": 1}))
     assert [t.payload for t in small.tasks] == [{"x": 1}] * 4
     wrong = batch(ROWS).replace(b'"c2"', b'""')
