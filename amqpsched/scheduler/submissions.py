@@ -104,12 +104,13 @@ def _fields(decoder: msgspec.json.Decoder[Any], raw: bytes | msgspec.Raw) -> Any
 
 
 def _envelope(model: type[BaseModel], fields: Mapping[str, bytes | msgspec.Raw]) -> bytes:
-    """The JSON object of ``fields`` (each value as its raw JSON), its payload ``null``."""
+    """The JSON object of ``fields`` (each value as its raw JSON, the payload taken out), its
+    payload ``null``."""
     keys = _KEYS[model]
     parts: list[bytes | msgspec.Raw] = [b"{"]
     for name, value in fields.items():
         key = keys.get(name)
-        if key is None or name == "payload":  # an unknown field: decode says which
+        if key is None:  # an unknown field: decode says which
             raise _Refused
         parts += (key, value, b",")
     parts.append(b'"payload":null}')
