@@ -547,8 +547,8 @@ def construct(cls: type[M], **values: Any) -> M:
 
 class RawJson:
     """A JSON value kept as the bytes it came in: checked well-formed, never decoded. The
-    scheduler passes a large payload on this way (``scheduler.submissions``); :func:`encode`
-    writes it back as it was. Only the scheduler's own messages hold one."""
+    scheduler passes a large payload or result on this way (``scheduler.passthrough``);
+    :func:`encode` writes it back as it was. Only the scheduler's own messages hold one."""
 
     __slots__ = ("raw",)
 
@@ -565,20 +565,23 @@ class RawJson:
         return f"RawJson({len(self.raw)} bytes)"
 
 
-_NO_PAYLOAD = {"payload"}
+#: The fields that may hold a :class:`RawJson`, each excluded from the rest of the encoding.
+_RAW_FIELDS = {"payload": {"payload"}, "result": {"result"}}
 
 
 def encode(model: BaseModel) -> bytes:
     """``model.model_dump_json().encode()``, without its round trip through ``str`` (twice as
-    fast for a small task; a 64 KiB payload is not copied twice). A task whose payload is
-    :class:`RawJson` gets those bytes as its payload, written last."""
+    fast for a small task; a 64 KiB payload is not copied twice). A task whose payload, or an
+    answer whose result, is :class:`RawJson` gets those bytes as that field, written last."""
     serializer = model.__pydantic_serializer__
-    payload = model.__dict__.get("payload")
-    if type(payload) is not RawJson:
-        return serializer.to_json(model)
-    head = serializer.to_json(model, exclude=_NO_PAYLOAD)
-    key = b',"payload":' if len(head) > 2 else b'"payload":'
-    return b"".join((head[:-1], key, payload.raw, b"}"))
+    fields = model.__dict__
+    for name, exclude in _RAW_FIELDS.items():
+        value = fields.get(name)
+        if type(value) is RawJson:
+            head = serializer.to_json(model, exclude=exclude)
+            key = b',"' if len(head) > 2 else b'"'
+            return b"".join((head[:-1], key, name.encode(), b'":', value.raw, b"}"))
+    return serializer.to_json(model)
 
 
 def _first_error(exc: ValidationError) -> str:

@@ -292,7 +292,7 @@ BAD_INPUTS = [
     ("unknown_version", b'{"v": 99, "capability": "echo", "payload": 1}', None),
     ("unknown_type", b'{"v": 1}', "frobnicate"),
     ("timeout_too_large", b'{"v": 1, "capability": "echo", "payload": 1, "timeout": 1e12}', None),
-    # large bodies: their payloads are kept raw (scheduler.submissions), and refused all the same
+    # large bodies: their payloads are kept raw (scheduler.passthrough), and refused all the same
     (
         "invalid_fields",
         b'{"v": 1, "capability": "echo", "payload": '
@@ -395,6 +395,13 @@ async def test_large_structured_payloads_reach_the_worker_as_they_were_sent(syst
     payloads = [[i, rows] for i in range(8)]  # at once: one submit_batch, task batches
     results = await asyncio.gather(*(client.call("echo", p, timeout=20) for p in payloads))
     assert results == payloads
+    # Answered by the scheduler (a client that takes no direct answer), then asked for again:
+    # the result goes on as the worker's bytes, and means what the worker returned.
+    body = json.dumps({"v": 1, "capability": "echo", "task_id": "rows-1", "payload": rows})
+    async with RawClient(system) as raw:
+        answer = await raw.reply(await raw.send(body.encode()), timeout=20)
+    assert answer["status"] == "succeeded" and answer["result"] == rows
+    assert await client.result("rows-1", timeout=20) == rows
 
 
 async def test_missing_reply_to_is_dead_lettered_without_answer(system: System) -> None:

@@ -31,6 +31,7 @@ from .answers import Answering
 from .base import wait_all
 from .cold import BATCH_REPLY, id_hash
 from .outbox import failure
+from .passthrough import decode_message
 from .state import TaskRecord, is_fenced
 
 log = logging.getLogger("amqpsched.scheduler")
@@ -52,9 +53,9 @@ class Events(Answering):
                 await self._share("started", msg.body)
                 await transport.settle(msg)
             elif msg.type == Kind.OUTCOME:
-                await self._on_outcome(msg, decode_event(OutcomeEvent, msg.body))
+                await self._on_outcome(msg, decode_message(OutcomeEvent, msg.body))
             elif msg.type == Kind.OUTCOME_BATCH:
-                await self._on_outcome_batch(msg, decode_event(OutcomeBatch, msg.body))
+                await self._on_outcome_batch(msg, decode_message(OutcomeBatch, msg.body))
             elif msg.type == Kind.RETRYING:
                 retrying = decode_event(RetryingEvent, msg.body)
                 await self._warm(retrying.task_id)

@@ -14,22 +14,23 @@ from ..protocol import (
     TaskState,
     decode_event,
 )
+from .passthrough import decode_message
 from .state import TaskRecord, TaskStore
 
 
 def journaled_tasks(kind: str, body: bytes) -> list[TaskMessage]:
     """The dispatches a journal entry holds: one (``task``), several (``task_batch``) or none."""
     if kind == Kind.TASK:
-        return [decode_event(TaskMessage, body)]
+        return [decode_message(TaskMessage, body)]
     if kind == Kind.TASK_BATCH:
-        return decode_event(TaskBatch, body).tasks
+        return decode_message(TaskBatch, body).tasks
     return []
 
 
 def journaled_answers(kind: str, body: bytes) -> list[Answer]:
     """The answers a journal entry holds: one (``answer``), several (``answer_batch``) or none."""
     if kind == Kind.ANSWER:
-        return [decode_event(Answer, body)]
+        return [decode_message(Answer, body)]
     if kind == Kind.ANSWER_BATCH:
         return [item.answer for item in decode_event(AnswerBatch, body).answers]
     return []

@@ -37,8 +37,8 @@ from .answers import Answering
 from .base import KIND_NAMES, wait_all
 from .journal import cancelled
 from .outbox import failure
+from .passthrough import decode_request
 from .state import TaskRecord
-from .submissions import decode_request
 
 log = logging.getLogger("amqpsched.scheduler")
 

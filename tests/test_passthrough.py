@@ -1,5 +1,6 @@
-"""The scheduler's decoding of client requests with large payloads kept as their bytes: pure,
-no broker (``amqpsched.scheduler.submissions``)."""
+"""The scheduler's decoding of messages with large payloads and results kept as their bytes:
+client requests, workers' outcomes, journal entries. Pure, no broker
+(``amqpsched.scheduler.passthrough``)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,29 @@ from typing import Any
 import pytest
 
 from amqpsched.errors import DecodeError
-from amqpsched.protocol import RawJson, SubmitBatch, SubmitRequest, TaskMessage, construct, decode
+from amqpsched.protocol import (
+    Answer,
+    OutcomeBatch,
+    OutcomeEvent,
+    RawJson,
+    Status,
+    SubmitBatch,
+    SubmitRequest,
+    TaskBatch,
+    TaskMessage,
+    answer_of,
+    construct,
+    decode,
+    decode_event,
+)
 from amqpsched.protocol import encode as encode_model
-from amqpsched.scheduler.submissions import MAX_DEPTH, RAW_FROM, decode_request, too_deep
+from amqpsched.scheduler.passthrough import (
+    MAX_DEPTH,
+    RAW_FROM,
+    decode_message,
+    decode_request,
+    too_deep,
+)
 
 ROWS = [
     {"id": i, "name": f"item {i} é \u2603", "score": i * 0.1, "tags": ["a", 'b\n"q"'], "n": None}
@@ -151,3 +172,102 @@ def test_a_payload_nested_deeper_than_the_limit_is_refused_small_or_large(filler
         with pytest.raises(DecodeError) as info:
             decode_request(SubmitRequest, nested(depth))
         assert info.value.reason == "invalid_fields"
+
+
+# -- messages of amqpsched's own components: outcomes, journaled tasks and answers ----------------
+
+
+def _outcome(result: Any, task_id: str = "t1") -> OutcomeEvent:
+    return construct(
+        OutcomeEvent,
+        task_id=task_id,
+        capability="echo",
+        attempt=1,
+        worker_id="w1",
+        status=Status.SUCCEEDED,
+        result=result,
+        error=None,
+        reply_to="r",
+        correlation_id="c",
+        submitted_at=1.0,
+        started_at=2.0,
+        finished_at=3.0,
+    )
+
+
+def _raw(value: object) -> bytes | None:
+    """The bytes of a value kept raw; None for a decoded one."""
+    return value.raw if isinstance(value, RawJson) else None
+
+
+def test_a_large_result_is_kept_as_its_bytes_and_answered_unchanged() -> None:
+    body = encode_model(_outcome(ROWS))
+    assert len(body) >= RAW_FROM
+    outcome = decode_message(OutcomeEvent, body)
+    kept = _raw(outcome.result)
+    assert kept is not None
+    whole = decode_event(OutcomeEvent, body)
+    assert outcome.model_copy(update={"result": whole.result}) == whole
+    # the answer carries the worker's bytes, and means what the decoded result means
+    answer = encode_model(answer_of(outcome))
+    assert kept in answer
+    assert json.loads(answer) == json.loads(encode_model(answer_of(whole)))
+    assert Answer.model_validate_json(answer).result == ROWS
+    # journaled, the answer is read back with its result kept raw, and written the same again
+    journaled = decode_message(Answer, answer)
+    assert journaled.result == outcome.result and encode_model(journaled) == answer
+
+
+def test_an_outcome_batch_keeps_each_large_result_raw_and_small_ones_whole() -> None:
+    def batch(result: Any) -> bytes:
+        events = ",".join(encode_model(_outcome(result, f"t{i}")).decode() for i in range(3))
+        return f'{{"v":1,"events":[{events}],"traceparents":[null,null,null]}}'.encode()
+
+    big = decode_message(OutcomeBatch, batch(ROWS))
+    assert [e.task_id for e in big.events] == ["t0", "t1", "t2"]
+    assert [json.loads(_raw(e.result) or b"null") for e in big.events] == [ROWS] * 3
+    assert big.traceparents == [None] * 3
+    small = decode_message(OutcomeBatch, batch({"x": 1}))
+    assert [e.result for e in small.events] == [{"x": 1}] * 3
+
+
+def test_journaled_tasks_keep_large_payloads_raw_and_dispatch_them_unchanged() -> None:
+    task = encode_model(_task(ROWS))
+    kept = decode_message(TaskMessage, task)
+    payload = _raw(kept.payload)
+    assert payload is not None and payload in task
+    assert json.loads(encode_model(kept)) == json.loads(task)
+    tasks = b'{"v":1,"tasks":[' + task + b"," + task + b'],"traceparents":[]}'
+    assert all(_raw(t.payload) for t in decode_message(TaskBatch, tasks).tasks)
+
+
+OUTCOME = encode_model(_outcome(ROWS))
+ODD_OUTCOMES = [
+    OUTCOME.replace(b'"attempt":1', b'"attempt":"1"'),  # coerced, as decode_event does
+    OUTCOME.replace(b'"worker_id":"w1"', b'"worker_id":"w1","later":true'),  # a newer field
+    OUTCOME.replace(b'"result":', b'"result_":'),  # no result
+    OUTCOME.replace(b'"result":[', b'"result":' + b"[" * 220, 1)[:-1] + b"]" * 220 + b"}",
+]
+BAD_OUTCOMES = [
+    OUTCOME[:-5],
+    OUTCOME.replace(b'"task_id":"t1",', b""),
+    OUTCOME.replace(b'"item 1 ', b'"item \xff ', 1),
+    OUTCOME.replace(b'"attempt":1', b'"attempt":"one"'),
+    OUTCOME.replace(b'"status":"succeeded"', b'"status":"fine"'),
+]
+
+
+@pytest.mark.parametrize("body", ODD_OUTCOMES + BAD_OUTCOMES)
+def test_an_outcome_not_for_this_path_is_decoded_as_before(body: bytes) -> None:
+    try:
+        expected: Any = decode_event(OutcomeEvent, body)
+    except DecodeError as exc:
+        with pytest.raises(DecodeError) as raw:
+            decode_message(OutcomeEvent, body)
+        assert (raw.value.reason, raw.value.detail) == (exc.reason, exc.detail)
+        return
+    decoded = decode_message(OutcomeEvent, body)
+    kept = _raw(decoded.result)
+    if kept is not None:
+        decoded = decoded.model_copy(update={"result": json.loads(kept)})
+    assert decoded == expected
