@@ -547,8 +547,9 @@ def construct(cls: type[M], **values: Any) -> M:
 
 class RawJson:
     """A JSON value kept as the bytes it came in: checked well-formed, never decoded. The
-    scheduler passes a large payload or result on this way (``scheduler.passthrough``);
-    :func:`encode` writes it back as it was. Only the scheduler's own messages hold one."""
+    scheduler passes a large payload or result on this way (``scheduler.passthrough``); a
+    worker's outcome holds its handler's result this way, encoded once. :func:`encode` writes
+    it back as it was. Only messages amqpsched builds hold one, never a decoded message."""
 
     __slots__ = ("raw",)
 
@@ -601,6 +602,18 @@ def _may_hold_constants(raw: bytes) -> bool:
     where CPython's search for the words crawls over some bodies (1 ms a MiB of digits, or of
     one repeated letter, against 0.03 ms for both letters)."""
     return (b"N" in raw and b"NaN" in raw) or (b"I" in raw and b"Infinity" in raw)
+
+
+def holds_constants(raw: bytes) -> bool:
+    """Whether the JSON text ``raw`` (as Python's ``json`` reads it) holds ``NaN`` or an
+    infinity outside its strings: not JSON. The search for the letters settles most bodies."""
+    if not _may_hold_constants(raw):
+        return False
+    try:
+        json.loads(raw, parse_constant=_no_constants)
+    except ValueError:
+        return True
+    return False
 
 
 def decode(model: type[M], raw: bytes) -> M:

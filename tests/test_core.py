@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import io
 import json
 import time
@@ -150,6 +151,14 @@ def _failing_app() -> WorkerApp:
     async def notjson(p: Any) -> object:
         return object()
 
+    @app.capability("notanumber")
+    async def notanumber(p: Any) -> dict[str, Any]:
+        return {"mean": float("nan"), "at": p}
+
+    @app.capability("stamped")
+    async def stamped(p: Any) -> dict[str, Any]:
+        return {"at": datetime.datetime(2026, 1, 2, 3, 4, 5), "p": p}
+
     @app.capability("notutf8")
     async def notutf8(p: Any) -> str:
         return "half a pair: \ud800"  # a str, but not one UTF-8 can carry
@@ -165,7 +174,17 @@ async def test_handler_that_raises_is_handler_error_and_worker_survives(system: 
     await system.scheduler()
     app = _failing_app()
     app.include(builtin_app)
-    await system.worker("boom", "syncboom", "notjson", "notutf8", "notutf8boom", "echo", app=app)
+    await system.worker(
+        "boom",
+        "syncboom",
+        "notjson",
+        "notanumber",
+        "stamped",
+        "notutf8",
+        "notutf8boom",
+        "echo",
+        app=app,
+    )
     client = await system.client()
     with pytest.raises(TaskFailed) as info:
         await client.call("boom", {"message": "it broke"}, timeout=10)
@@ -179,6 +198,12 @@ async def test_handler_that_raises_is_handler_error_and_worker_survives(system: 
     with pytest.raises(TaskFailed) as info:
         await client.call("notjson", 1, timeout=10)
     assert "not JSON" in info.value.error_message
+    # JSON has no NaN: an error the caller sees, not a silent null.
+    with pytest.raises(TaskFailed) as info:
+        await client.call("notanumber", 1, timeout=10)
+    assert info.value.error_type == "handler_error" and "NaN" in info.value.error_message
+    # What pydantic serialises goes as pydantic serialises it.
+    assert await client.call("stamped", 2, timeout=10) == {"at": "2026-01-02T03:04:05", "p": 2}
     # Strings that UTF-8 cannot encode (lone surrogates): a clear error, not a stuck task.
     with pytest.raises(TaskFailed) as info:
         await client.call("notutf8", 1, timeout=10)

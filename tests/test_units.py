@@ -19,6 +19,7 @@ from amqpsched.protocol import (
     Answer,
     ErrorType,
     Kind,
+    RawJson,
     RetryOverride,
     RetryPolicy,
     Status,
@@ -368,12 +369,21 @@ def test_handler_registration_and_payload_parsing() -> None:
 
 
 def test_results_must_be_json() -> None:
-    assert to_json(Point(x=1)) == {"x": 1}
-    assert to_json([1, "a", None]) == [1, "a", None]
-    with pytest.raises(InvalidResult):
-        to_json(object())
-    with pytest.raises(InvalidResult):
-        to_json({1, 2})
+    assert to_json(Point(x=1)) == RawJson(b'{"x":1}')
+    assert to_json([1, "a", None, 2**70]) == RawJson(b'[1,"a",null,1180591620717411303424]')
+    # what pydantic serialises, as the client does for payloads
+    when = datetime.datetime(2026, 1, 2, 3, 4, 5)
+    assert to_json({"at": when, "ids": (1, 2)}) == RawJson(
+        b'{"at":"2026-01-02T03:04:05","ids":[1,2]}'
+    )
+    assert to_json("NaN and Infinity, in words") == RawJson(b'"NaN and Infinity, in words"')
+    for bad in (object(), [1, object()], "half a pair: \ud800", b"\xff"):
+        with pytest.raises(InvalidResult, match="not JSON serialisable"):
+            to_json(bad)
+    # JSON has no NaN: not silently null, an error the client sees
+    for bad in (float("nan"), {"mean": [1.0, float("-inf")]}):
+        with pytest.raises(InvalidResult, match="NaN or an infinity"):
+            to_json(bad)
 
 
 # -- retry timing and fencing ---------------------------------------------------------------------

@@ -9,15 +9,15 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, JsonValue, TypeAdapter, ValidationError
+import pydantic_core
+from pydantic import BaseModel, JsonValue, ValidationError
+from pydantic_core import PydanticSerializationError
 
 from ..errors import ConfigurationError
-from ..protocol import CapabilityInfo, RetryPolicy, is_capability_name
+from ..protocol import CapabilityInfo, RawJson, RetryPolicy, holds_constants, is_capability_name
 
 HandlerFunc = Callable[[Any], Any] | Callable[[Any], Awaitable[Any]]
 F = TypeVar("F", bound=Callable[..., Any])
-
-_JSON = TypeAdapter(JsonValue)
 
 
 class InvalidPayload(Exception):
@@ -62,16 +62,20 @@ class Handler:
             raise InvalidPayload(str(exc)) from None
 
 
-def to_json(result: Any) -> JsonValue:
-    """A handler's return value as a JSON value (pydantic models are dumped)."""
-    if isinstance(result, BaseModel):
-        return result.model_dump(mode="json")
+def to_json(result: Any) -> RawJson:
+    """A handler's return value as JSON, encoded once, by pydantic-core (as the client encodes
+    payloads): pydantic models, dataclasses, datetimes, UUIDs, sets and UTF-8 bytes as pydantic
+    serialises them. Raise :class:`InvalidResult` for another type, a string UTF-8 cannot
+    carry, and NaN or an infinity (JSON has neither)."""
     try:
-        return _JSON.validate_python(result)  # encoded once, with the outcome
-    except ValidationError as exc:
+        raw = pydantic_core.to_json(result, inf_nan_mode="constants")
+    except PydanticSerializationError as exc:
         raise InvalidResult(
-            f"handler returned {type(result).__name__}, which is not JSON serialisable"
-        ) from exc
+            f"handler returned {type(result).__name__}, which is not JSON serialisable: {exc}"
+        ) from None
+    if holds_constants(raw):
+        raise InvalidResult("handler returned NaN or an infinity, which JSON cannot carry")
+    return RawJson(raw)
 
 
 class WorkerApp:
