@@ -193,6 +193,16 @@ class SchedulerMetrics:
             "Waiting tasks kept in a few bytes each, read back from the journal when needed",
             registry=registry,
         )
+        self.result_bytes = Gauge(
+            "amqpsched_result_bytes",
+            "Bytes of results kept for status and result queries (those of 2 KiB and more)",
+            registry=registry,
+        )
+        self.results_shed = Counter(
+            "amqpsched_results_shed_total",
+            "Finished tasks forgotten before result_retention, to keep within max_result_bytes",
+            registry=registry,
+        )
         self.read_back = Counter(
             "amqpsched_cold_tasks_read_back_total",
             "Waiting tasks kept cold, read back from the journal",

@@ -150,6 +150,13 @@ class Settings(BaseSettings):
         gt=0,
         description="Most task records the scheduler keeps; the oldest finished ones go first.",
     )
+    max_result_bytes: int = Field(
+        default=128 * 1024 * 1024,
+        gt=0,
+        description="Most bytes of results the scheduler keeps for status and result queries "
+        "(results of 2 KiB and more count); past it the tasks answered first are forgotten "
+        "first, before result_retention.",
+    )
     max_waiting_records: int = Field(
         default=500,
         ge=0,

@@ -155,6 +155,13 @@ def _failing_app() -> WorkerApp:
     async def notanumber(p: Any) -> dict[str, Any]:
         return {"mean": float("nan"), "at": p}
 
+    @app.capability("deep")
+    async def deep(p: int) -> Any:
+        nested: Any = "bottom"
+        for _ in range(p):
+            nested = [nested]
+        return nested
+
     @app.capability("stamped")
     async def stamped(p: Any) -> dict[str, Any]:
         return {"at": datetime.datetime(2026, 1, 2, 3, 4, 5), "p": p}
@@ -180,6 +187,7 @@ async def test_handler_that_raises_is_handler_error_and_worker_survives(system: 
         "notjson",
         "notanumber",
         "stamped",
+        "deep",
         "notutf8",
         "notutf8boom",
         "echo",
@@ -202,6 +210,12 @@ async def test_handler_that_raises_is_handler_error_and_worker_survives(system: 
     with pytest.raises(TaskFailed) as info:
         await client.call("notanumber", 1, timeout=10)
     assert info.value.error_type == "handler_error" and "NaN" in info.value.error_message
+    # Nested deeper than the scheduler and the client decode (220 levels): said at once, not
+    # an answer lost and, at the deadline, "no worker started the task".
+    assert await client.call("deep", 3, timeout=10) == [[["bottom"]]]
+    with pytest.raises(TaskFailed) as info:
+        await client.call("deep", 220, timeout=10)
+    assert info.value.error_type == "handler_error" and "nested" in info.value.error_message
     # What pydantic serialises goes as pydantic serialises it.
     assert await client.call("stamped", 2, timeout=10) == {"at": "2026-01-02T03:04:05", "p": 2}
     # Strings that UTF-8 cannot encode (lone surrogates): a clear error, not a stuck task.
@@ -215,6 +229,30 @@ async def test_handler_that_raises_is_handler_error_and_worker_survives(system: 
     assert info.value.error_message.startswith("undecodable ")
     assert info.value.detail["exception"] == "ValueError"
     assert await client.call("echo", "still alive", timeout=10) == "still alive"
+
+
+async def test_results_are_kept_within_max_result_bytes_the_oldest_forgotten_first(
+    system: System,
+) -> None:
+    """Large results held for result queries stay within AMQPSCHED_MAX_RESULT_BYTES: past it,
+    the tasks answered first are forgotten (status ``unknown``), and the metrics say so."""
+    sched = await system.scheduler(max_result_bytes=100_000)
+    await system.worker("echo")
+    client = await system.client()
+    rows = [{"row": i, "text": "some forty bytes of text in each row"} for i in range(700)]
+    ids = [f"big-{uuid.uuid4().hex}" for _ in range(4)]  # about 40 KB a result: 2 fit
+    for task_id in ids:
+        handle = await client.submit("echo", rows, task_id=task_id)
+        assert await handle.result(timeout=20) == rows
+    assert await client.result(ids[-1], timeout=10) == rows
+    assert (await client.status(ids[-2])).state == TaskState.SUCCEEDED
+    assert (await client.status(ids[0])).state == TaskState.UNKNOWN
+    registry = sched.metrics.registry
+    assert 0 < (registry.get_sample_value("amqpsched_result_bytes") or 0) <= 100_000
+    async with asyncio.timeout(10):  # counted at the scheduler's next sweep
+        while not registry.get_sample_value("amqpsched_results_shed_total"):
+            await asyncio.sleep(0.05)
+    assert registry.get_sample_value("amqpsched_results_shed_total") == 2
 
 
 async def test_status_and_result_by_task_id_from_a_second_client(system: System) -> None:
@@ -427,6 +465,8 @@ async def test_large_structured_payloads_reach_the_worker_as_they_were_sent(syst
         answer = await raw.reply(await raw.send(body.encode()), timeout=20)
     assert answer["status"] == "succeeded" and answer["result"] == rows
     assert await client.result("rows-1", timeout=20) == rows
+    status = await client.status("rows-1")  # its answer inside, result and all
+    assert status.answer is not None and status.answer.result == rows
 
 
 async def test_missing_reply_to_is_dead_lettered_without_answer(system: System) -> None:

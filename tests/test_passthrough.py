@@ -12,28 +12,26 @@ import pytest
 
 from amqpsched.errors import DecodeError
 from amqpsched.protocol import (
+    MAX_DEPTH,
     Answer,
     OutcomeBatch,
     OutcomeEvent,
     RawJson,
     Status,
+    StatusReply,
     SubmitBatch,
     SubmitRequest,
     TaskBatch,
     TaskMessage,
+    TaskState,
     answer_of,
     construct,
     decode,
     decode_event,
-)
-from amqpsched.protocol import encode as encode_model
-from amqpsched.scheduler.passthrough import (
-    MAX_DEPTH,
-    RAW_FROM,
-    decode_message,
-    decode_request,
     too_deep,
 )
+from amqpsched.protocol import encode as encode_model
+from amqpsched.scheduler.passthrough import RAW_FROM, decode_message, decode_request
 
 ROWS = [
     {"id": i, "name": f"item {i} é \u2603", "score": i * 0.1, "tags": ["a", 'b\n"q"'], "n": None}
@@ -211,11 +209,15 @@ def test_a_large_result_is_kept_as_its_bytes_and_answered_unchanged() -> None:
     # the answer carries the worker's bytes, and means what the decoded result means
     answer = encode_model(answer_of(outcome))
     assert kept in answer
-    assert json.loads(answer) == json.loads(encode_model(answer_of(whole)))
+    whole_answer = answer_of(whole)
+    assert json.loads(answer) == json.loads(encode_model(whole_answer))
     assert Answer.model_validate_json(answer).result == ROWS
     # journaled, the answer is read back with its result kept raw, and written the same again
     journaled = decode_message(Answer, answer)
     assert journaled.result == outcome.result and encode_model(journaled) == answer
+    # inside another reply (a status reply holds the answer), written again whole
+    status = StatusReply(task_id="t1", state=TaskState.SUCCEEDED, answer=journaled)
+    assert StatusReply.model_validate_json(encode_model(status)).answer == whole_answer
 
 
 def test_an_outcome_batch_keeps_each_large_result_raw_and_small_ones_whole() -> None:

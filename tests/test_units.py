@@ -16,6 +16,7 @@ from yarl import URL
 from amqpsched.client import _Submission, _submission_body
 from amqpsched.errors import ConfigurationError, DecodeError
 from amqpsched.protocol import (
+    MAX_DEPTH,
     Answer,
     ErrorType,
     Kind,
@@ -261,6 +262,41 @@ def test_store_is_bounded_and_drops_finished_first() -> None:
     assert len(store) == 3
 
 
+def test_results_kept_within_a_byte_budget_the_oldest_forgotten_first() -> None:
+    store = MemoryTaskStore(retention=1000, max_size=100, max_result_bytes=10_000)
+
+    def answered(task_id: str, size: int, now: float) -> TaskRecord:
+        record = _record(task_id, 100.0)
+        store.add(record)
+        answer = Answer(task_id=task_id, status=Status.SUCCEEDED, result="small")
+        if size:  # kept as the worker's bytes, as the scheduler keeps a large result
+            answer.__dict__["result"] = RawJson(b'"' + b"x" * (size - 2) + b'"')
+        store.finish(record, answer, now)
+        return record
+
+    answered("small", 0, 0.5)  # a small result counts nothing: kept by count and retention
+    for i in range(3):
+        answered(f"r{i}", 3_000, 1.0 + i)
+    assert store.result_bytes == 9_000 and store.shed == 0
+    answered("r3", 3_000, 5.0)  # over: the oldest holding a result goes
+    assert store.get("r0") is None and store.get("r1") is not None and store.shed == 1
+    assert store.result_bytes == 9_000 and store.get("small") is not None
+    # reopened (its answer could not be sent), a result counts no more; answered again, it does
+    r3 = store.get("r3")
+    assert r3 is not None
+    store.reopen(r3, TaskState.RUNNING, [])
+    assert store.result_bytes == 6_000
+    store.finish(r3, Answer(task_id="r3", status=Status.SUCCEEDED, result=None), 6.0)
+    assert store.result_bytes == 6_000
+    # a result larger than the budget is kept alone, and the next one replaces it
+    answered("huge", 25_000, 7.0)
+    assert [t for t in ("r1", "r2", "r3", "huge") if store.get(t)] == ["r3", "huge"]
+    assert store.result_bytes == 25_000
+    answered("after", 3_000, 8.0)
+    assert store.get("huge") is None and store.result_bytes == 3_000
+    assert store.purge(now=2000.0) >= 1 and store.result_bytes == 0
+
+
 def test_timeout_error_tells_no_worker_from_expired() -> None:
     assert timeout_error(has_live_worker=False) == ErrorType.NO_WORKER
     assert timeout_error(has_live_worker=True) == ErrorType.EXPIRED
@@ -384,6 +420,14 @@ def test_results_must_be_json() -> None:
     for bad in (float("nan"), {"mean": [1.0, float("-inf")]}):
         with pytest.raises(InvalidResult, match="NaN or an infinity"):
             to_json(bad)
+    # nested deeper than its scheduler and its client decode: an error, not a lost answer
+    nested: Any = 1
+    for depth in range(1, 221):
+        nested = [nested]
+        if depth == MAX_DEPTH:
+            assert to_json(nested).raw.startswith(b"[" * MAX_DEPTH + b"1]")
+    with pytest.raises(InvalidResult, match=f"nested more than {MAX_DEPTH} deep"):
+        to_json(nested)
 
 
 # -- retry timing and fencing ---------------------------------------------------------------------

@@ -114,6 +114,8 @@ class SchedulerBase:
     _refusals: transport.Refusals
     _background: set[asyncio.Future[None]]
     _alive_at: float
+    #: Records the store had shed (``MemoryTaskStore.shed``) at the last sweep.
+    _shed_seen: int
     #: Cut off from the broker at the last sweep: workers' heartbeats could not arrive.
     _offline: bool
     #: Tasks whose first dispatch awaits its confirm; set when that falls under the limit.

@@ -23,7 +23,6 @@ levels down). A component's message nested deeper than that goes the usual way, 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +32,7 @@ from pydantic import BaseModel, ValidationError
 
 from ..errors import DecodeError
 from ..protocol import (
+    MAX_DEPTH,
     Answer,
     M,
     OutcomeBatch,
@@ -45,12 +45,11 @@ from ..protocol import (
     TaskMessage,
     decode,
     decode_event,
+    too_deep,
 )
 
 #: Bytes of body per value from which values are kept raw.
 RAW_FROM = 2048
-#: How deep a payload or result may nest (arrays and objects).
-MAX_DEPTH = 128
 
 
 @dataclass(frozen=True)
@@ -129,33 +128,6 @@ def _kept_raw(model: type[M], raw: bytes, shape: Shape, strict: bool) -> M | Non
         return _passed_on(model, raw, shape, strict)
     except _Refused:
         return None
-
-
-_ESCAPE = re.compile(rb"\\.", re.S)
-_STRING = re.compile(rb'"[^"]*"')
-_NOT_STRUCTURE = bytes(range(256)).translate(None, b'[]{}"')
-_SQUARE = bytes.maketrans(b"{}", b"[]")
-
-
-def too_deep(raw: bytes, limit: int) -> bool:
-    """Whether the well-formed JSON ``raw`` nests arrays and objects more than ``limit`` deep.
-    Each step runs at C speed: escapes out, then all but brackets and quotes, then strings,
-    then one level of brackets per pass."""
-    if b"\\" in raw:
-        raw = _ESCAPE.sub(b"", raw)
-    marks = raw.translate(_SQUARE, _NOT_STRUCTURE)
-    if marks.count(b"[") <= limit:
-        return False
-    # Quotes alternate, opening and closing: taking out two in a row keeps that, and joins at
-    # most two strings' contents, all of it to go.
-    marks = marks.replace(b'""', b"")
-    if b'"' in marks:
-        marks = _STRING.sub(b"", marks)
-    for _ in range(limit):
-        if not marks:
-            return False
-        marks = marks.replace(b"[]", b"")
-    return bool(marks)
 
 
 def _fields(decoder: msgspec.json.Decoder[Any], raw: bytes | msgspec.Raw) -> Any:

@@ -62,6 +62,7 @@ class Scheduler(Requests, Events, Timers):
             hot_limit=settings.max_waiting_records,
             # A cold task is read back from its dispatch: it must outlive the task's wait.
             cold_span=settings.journal_retention * 0.9,
+            max_result_bytes=settings.max_result_bytes,
         )
         self._paging = {}
         self._wanted = []
@@ -70,6 +71,8 @@ class Scheduler(Requests, Events, Timers):
         self._dispatching = 0
         self._dispatch_freed = asyncio.Event()
         self.metrics.cold.set_function(lambda: len(self.store.cold))
+        self.metrics.result_bytes.set_function(lambda: self.store.result_bytes)
+        self._shed_seen = 0
         self._conn: AbstractRobustConnection | None = None
         self._outbox: Outbox | None = None
         self._journal: Journal | None = None

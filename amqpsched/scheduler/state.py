@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Protocol
 
-from ..protocol import Answer, ErrorType, Status, TaskMessage, TaskState
+from ..protocol import Answer, ErrorType, RawJson, Status, TaskMessage, TaskState
 from .cold import BATCH_REPLY, RECOVERED, ColdTasks
 
 
@@ -103,6 +103,13 @@ def final_state(answer: Answer) -> TaskState:
     return TaskState.SUCCEEDED if answer.status == Status.SUCCEEDED else TaskState.FAILED
 
 
+def result_bytes(answer: Answer) -> int:
+    """The bytes of an answer's result that count against the store's budget: those of a result
+    kept as its bytes (2 KiB and more, ``scheduler.passthrough``); a small one counts 0."""
+    result: object = answer.result  # a RawJson where the scheduler kept it raw
+    return len(result.raw) if isinstance(result, RawJson) else 0
+
+
 def timeout_error(has_live_worker: bool) -> ErrorType:
     """The error a task gets when its deadline passes before any worker started it."""
     return ErrorType.EXPIRED if has_live_worker else ErrorType.NO_WORKER
@@ -126,9 +133,11 @@ def coolable(record: TaskRecord, span: float) -> bool:
 
 class MemoryTaskStore:
     """Records in insertion order; finished ones kept ``retention`` seconds; at most ``max_size``
-    records (finished ones are dropped first, then the oldest). Past ``hot_limit`` waiting
-    tasks, the newest are kept cold (:class:`~amqpsched.scheduler.cold.ColdTasks`) if their
-    dispatch stays in the journal for ``cold_span`` seconds."""
+    records (finished ones are dropped first, then the oldest); finished ones holding at most
+    ``max_result_bytes`` of results (:func:`result_bytes`; past it, the oldest of those holding
+    some go first). Past ``hot_limit`` waiting tasks, the newest are kept cold
+    (:class:`~amqpsched.scheduler.cold.ColdTasks`) if their dispatch stays in the journal for
+    ``cold_span`` seconds."""
 
     def __init__(
         self,
@@ -137,9 +146,16 @@ class MemoryTaskStore:
         idempotency_window: float = 3600.0,
         hot_limit: int = 5000,
         cold_span: float = 0.0,
+        max_result_bytes: int | None = None,
     ) -> None:
         self.retention = retention
         self.max_size = max_size
+        self.max_result_bytes = max_result_bytes
+        #: Bytes of the results kept (:func:`result_bytes`), and of each, oldest answer first.
+        self.result_bytes = 0
+        self._sizes: dict[str, int] = {}
+        #: Finished records forgotten to keep within ``max_result_bytes``.
+        self.shed = 0
         self.idempotency_window = idempotency_window
         self.hot_limit = hot_limit
         self.cold_span = cold_span
@@ -192,6 +208,23 @@ class MemoryTaskStore:
             self.add(record)
         self._finished[record.task_id] = now
         self._finished.move_to_end(record.task_id)
+        size = result_bytes(answer)
+        self.result_bytes += size - self._sizes.pop(record.task_id, 0)
+        if size:
+            self._sizes[record.task_id] = size
+            if self.max_result_bytes is not None and self.result_bytes > self.max_result_bytes:
+                self._shed(record.task_id)
+
+    def _shed(self, newest: str) -> None:
+        """Forget the oldest finished records holding results until those left fit the budget;
+        never ``newest``, just answered (a result larger than the budget is kept alone)."""
+        assert self.max_result_bytes is not None
+        while self.result_bytes > self.max_result_bytes:
+            oldest = next(iter(self._sizes))
+            if oldest == newest:
+                return
+            self._forget(oldest)
+            self.shed += 1
 
     def due(self, now: float) -> list[TaskRecord]:
         """Unstarted, unanswered records whose deadline has passed (each returned once)."""
@@ -210,6 +243,7 @@ class MemoryTaskStore:
         record.state = state
         record.watchers = watchers
         self._finished.pop(record.task_id, None)
+        self.result_bytes -= self._sizes.pop(record.task_id, 0)
         if record.task_id in self._records:
             self._open[record.capability] = self._open.get(record.capability, 0) + 1
 
@@ -322,3 +356,4 @@ class MemoryTaskStore:
             self._close(record.capability)
         self._finished.pop(task_id, None)
         self._waiting.pop(task_id, None)
+        self.result_bytes -= self._sizes.pop(task_id, 0)

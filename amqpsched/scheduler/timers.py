@@ -87,6 +87,16 @@ class Timers(Answering):
             await self._alive()
         self.peers.forget_old(now, UNSURE_KEEP)
         self.store.purge(now)
+        shed = self.store.shed - self._shed_seen
+        if shed:
+            self._shed_seen = self.store.shed
+            self.metrics.results_shed.inc(shed)
+            log.warning(
+                "%d answered task(s) forgotten before their retention ended, to keep results "
+                "within AMQPSCHED_MAX_RESULT_BYTES (%d)",
+                shed,
+                self.settings.max_result_bytes,
+            )
 
     def _runs_timers(self, record: TaskRecord, now: float) -> bool:
         """Whether this scheduler runs ``record``'s timers; if not, look again later (its

@@ -14,7 +14,15 @@ from pydantic import BaseModel, JsonValue, ValidationError
 from pydantic_core import PydanticSerializationError
 
 from ..errors import ConfigurationError
-from ..protocol import CapabilityInfo, RawJson, RetryPolicy, holds_constants, is_capability_name
+from ..protocol import (
+    MAX_DEPTH,
+    CapabilityInfo,
+    RawJson,
+    RetryPolicy,
+    holds_constants,
+    is_capability_name,
+    too_deep,
+)
 
 HandlerFunc = Callable[[Any], Any] | Callable[[Any], Awaitable[Any]]
 F = TypeVar("F", bound=Callable[..., Any])
@@ -66,7 +74,8 @@ def to_json(result: Any) -> RawJson:
     """A handler's return value as JSON, encoded once, by pydantic-core (as the client encodes
     payloads): pydantic models, dataclasses, datetimes, UUIDs, sets and UTF-8 bytes as pydantic
     serialises them. Raise :class:`InvalidResult` for another type, a string UTF-8 cannot
-    carry, and NaN or an infinity (JSON has neither)."""
+    carry, NaN or an infinity (JSON has neither), and a value nested more than
+    :data:`protocol.MAX_DEPTH` deep."""
     try:
         raw = pydantic_core.to_json(result, inf_nan_mode="constants")
     except PydanticSerializationError as exc:
@@ -75,6 +84,8 @@ def to_json(result: Any) -> RawJson:
         ) from None
     if holds_constants(raw):
         raise InvalidResult("handler returned NaN or an infinity, which JSON cannot carry")
+    if too_deep(raw, MAX_DEPTH):  # its scheduler and its client could not decode it
+        raise InvalidResult(f"handler returned a value nested more than {MAX_DEPTH} deep")
     return RawJson(raw)
 
 
