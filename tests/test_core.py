@@ -12,6 +12,7 @@ import uuid
 from collections import Counter
 from typing import Any
 
+import aio_pika
 import pytest
 from PIL import Image
 from pydantic import BaseModel
@@ -467,6 +468,36 @@ async def test_large_structured_payloads_reach_the_worker_as_they_were_sent(syst
     assert await client.result("rows-1", timeout=20) == rows
     status = await client.status("rows-1")  # its answer inside, result and all
     assert status.answer is not None and status.answer.result == rows
+
+
+async def test_an_outcome_nobody_can_read_answers_its_task_at_once_and_is_kept(
+    system: System,
+) -> None:
+    """A worker's outcome that does not decode (another version's, another language's): its
+    task is answered ``internal_error`` at once, not at its deadline as "never started", and
+    the outcome is dead-lettered with its reason."""
+    await system.scheduler()
+    client = await system.client()
+    task_id = f"unread-{uuid.uuid4().hex}"
+    handle = await client.submit("nobody-serves-this", 1, task_id=task_id, timeout=60)
+    assert (await handle.status()).state in (TaskState.QUEUED, TaskState.DISPATCHED)
+    body = json.dumps({"v": 1, "task_id": task_id, "attempt": 1, "status": "succeeded"})
+    conn = await aio_pika.connect(system.settings.amqp_url.get_secret_value())
+    try:
+        channel = await conn.channel()
+        events = await channel.get_exchange(system.topology.events_exchange)
+        await events.publish(
+            aio_pika.Message(body.encode(), type="outcome"),
+            routing_key=system.topology.results_queue,
+        )
+    finally:
+        await conn.close()
+    with pytest.raises(TaskFailed) as info:
+        await handle.result(timeout=10)
+    assert info.value.error_type == "internal_error"
+    assert "outcome could not be read" in info.value.error_message
+    [dead] = await system.dead_letters(1)
+    assert dead.headers[H_REASON] == "invalid_fields" and dead.body == body.encode()
 
 
 async def test_missing_reply_to_is_dead_lettered_without_answer(system: System) -> None:

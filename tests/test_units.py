@@ -34,6 +34,7 @@ from amqpsched.protocol import (
 )
 from amqpsched.retry import DELAY_STEPS_MS, backoff_delay, delay_step, retry_delay
 from amqpsched.runtime import run
+from amqpsched.scheduler.events import outcome_attempts
 from amqpsched.scheduler.readback import Unread
 from amqpsched.scheduler.recovery import apply_answer, apply_dispatch, apply_entry
 from amqpsched.scheduler.registry import WorkerRegistry
@@ -295,6 +296,15 @@ def test_results_kept_within_a_byte_budget_the_oldest_forgotten_first() -> None:
     answered("after", 3_000, 8.0)
     assert store.get("huge") is None and store.result_bytes == 3_000
     assert store.purge(now=2000.0) >= 1 and store.result_bytes == 0
+
+
+def test_an_unreadable_outcome_still_names_its_tasks_where_it_can() -> None:
+    one = b'{"v": 1, "task_id": "t1", "attempt": 2, "status": "maybe"}'
+    assert outcome_attempts(one) == [("t1", 2)]
+    batch = b'{"events": [{"task_id": "a", "attempt": "x"}, 7, {"task_id": ""}, {"task_id": "b"}]}'
+    assert outcome_attempts(batch) == [("a", None), ("b", None)]
+    for body in (b"not json", b"[1, 2]", b'{"task_id": 5}', b"[" * 100_000 + b"]" * 100_000):
+        assert outcome_attempts(body) == []
 
 
 def test_timeout_error_tells_no_worker_from_expired() -> None:

@@ -4,6 +4,7 @@ tasks) and worker announcements from the registry exchange."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from typing import Any
@@ -37,6 +38,24 @@ from .state import TaskRecord, is_fenced
 log = logging.getLogger("amqpsched.scheduler")
 
 
+def outcome_attempts(body: bytes) -> list[tuple[str, int | None]]:
+    """The (task id, attempt if readable) pairs an outcome or an outcome batch names, read as
+    well as its body allows (for one that does not decode)."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return []
+    events = data.get("events") if isinstance(data, dict) else None
+    listed = events if isinstance(events, list) else [data]
+    found: list[tuple[str, int | None]] = []
+    for event in listed:
+        task_id = event.get("task_id") if isinstance(event, dict) else None
+        if isinstance(task_id, str) and 0 < len(task_id) <= 256:
+            attempt = event.get("attempt")
+            found.append((task_id, attempt if type(attempt) is int else None))
+    return found
+
+
 def redelivered(msg: IncomingMessage) -> bool:
     """Whether an outcome may have been answered before: the message was delivered before (to
     a scheduler that lost its connection), or its task was (to a worker that did)."""
@@ -68,6 +87,8 @@ class Events(Answering):
                 detail = f"unknown event type {msg.type!r}"
                 await self._reject(msg, "unknown_type", detail, client_request=False)
         except DecodeError as exc:
+            if msg.type in (Kind.OUTCOME, Kind.OUTCOME_BATCH):
+                await self._answer_unreadable(msg.body, exc)
             await self._reject(msg, exc.reason, exc.detail, client_request=False)
         except AmqpschedError as exc:
             await self._requeue_later(msg, exc)
@@ -75,6 +96,27 @@ class Events(Answering):
             log.exception("unexpected error on event %s", msg.message_id)
             detail = "the scheduler failed on this event"
             await self._reject(msg, "internal_error", detail, client_request=False)
+
+    async def _answer_unreadable(self, body: bytes, exc: DecodeError) -> None:
+        """An outcome nobody can read (a worker of another version or language, or a bug): its
+        tasks are answered ``internal_error`` now, not at their deadline as never started. The
+        outcome itself is dead-lettered with its reason after this."""
+        detail = (
+            f"the worker's outcome could not be read ({exc.reason}: {exc.detail}); "
+            "it is kept in the dead-letter queue"
+        )
+        for task_id, attempt in outcome_attempts(body):
+            try:
+                await self._warm(task_id)
+                record = self.store.get(task_id)
+                if record is None or record.final or record.answering is not None:
+                    continue
+                if attempt is None or not is_fenced(record, attempt):
+                    now = time.time()
+                    error = failure(record, ErrorType.INTERNAL_ERROR, detail, now)
+                    await self._finish(record, error, now)
+            except AmqpschedError as err:  # its deadline answers it, later
+                log.warning("could not answer task %s of an unreadable outcome: %s", task_id, err)
 
     def _on_started(self, ev: StartedEvent, count: bool = True) -> None:
         record = self.store.get(ev.task_id)
