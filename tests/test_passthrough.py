@@ -14,6 +14,7 @@ from amqpsched.errors import DecodeError
 from amqpsched.protocol import (
     MAX_DEPTH,
     Answer,
+    AnswerBatch,
     OutcomeBatch,
     OutcomeEvent,
     RawJson,
@@ -31,6 +32,7 @@ from amqpsched.protocol import (
     too_deep,
 )
 from amqpsched.protocol import encode as encode_model
+from amqpsched.scheduler.outbox import answer_batch_body
 from amqpsched.scheduler.passthrough import RAW_FROM, decode_message, decode_request
 
 ROWS = [
@@ -231,6 +233,23 @@ def test_an_outcome_batch_keeps_each_large_result_raw_and_small_ones_whole() -> 
     assert big.traceparents == [None] * 3
     small = decode_message(OutcomeBatch, batch({"x": 1}))
     assert [e.result for e in small.events] == [{"x": 1}] * 3
+
+
+def test_journaled_answer_batches_keep_large_results_raw_and_null_ones_null() -> None:
+    big = encode_model(answer_of(_outcome(ROWS)))
+    failed = encode_model(answer_of(_outcome(None)))
+    body = answer_batch_body([("c1", big), ("c2", failed), ("c3", big)])
+    batch = decode_message(AnswerBatch, body)
+    assert [a.correlation_id for a in batch.answers] == ["c1", "c2", "c3"]
+    results = [a.answer.result for a in batch.answers]
+    assert [_raw(r) is not None for r in results] == [True, False, True]
+    assert results[1] is None
+    assert json.loads(
+        answer_batch_body([(a.correlation_id, encode_model(a.answer)) for a in batch.answers])
+    ) == json.loads(body)
+    # a large outcome with a null result (a failure with a long traceback): null, not bytes
+    long_failure = _outcome(None).model_copy(update={"worker_id": "w" * RAW_FROM})
+    assert decode_message(OutcomeEvent, encode_model(long_failure)).result is None
 
 
 def test_journaled_tasks_keep_large_payloads_raw_and_dispatch_them_unchanged() -> None:

@@ -23,7 +23,7 @@ levels down). A component's message nested deeper than that goes the usual way, 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,8 @@ from ..errors import DecodeError
 from ..protocol import (
     MAX_DEPTH,
     Answer,
+    AnswerBatch,
+    BatchedAnswer,
     M,
     OutcomeBatch,
     OutcomeEvent,
@@ -54,27 +56,49 @@ RAW_FROM = 2048
 
 @dataclass(frozen=True)
 class Shape:
-    """Where a message keeps the value passed on: its own ``field``, or that of each item of
-    its list ``items`` (of ``item`` models)."""
+    """Where a ``model`` keeps the value passed on: in its ``field``; or, with ``inner``, in
+    the object that field holds (``listed``: in each object of the list it holds)."""
 
+    model: type[BaseModel]
     field: str
-    items: str = ""
-    item: type[BaseModel] | None = None
+    inner: Shape | None = None
+    listed: bool = False
 
     @property
     def levels(self) -> int:
-        """How deep the value sits: the body, then the value (a batch: its list, an item)."""
-        return 3 if self.items else 1
+        """How deep the value sits: the body, then each object and list on the way."""
+        if self.inner is None:
+            return 1
+        return (2 if self.listed else 1) + self.inner.levels
+
+    @property
+    def several(self) -> bool:
+        """Whether a body may hold several values (a batch)."""
+        return self.listed or (self.inner is not None and self.inner.several)
+
+    @property
+    def leaf(self) -> str:
+        """The name of the field that holds the value."""
+        return self.field if self.inner is None else self.inner.leaf
+
+    def models(self) -> list[type[BaseModel]]:
+        return [self.model, *(self.inner.models() if self.inner else [])]
 
 
+def _each(model: type[BaseModel], items: str, inner: Shape) -> Shape:
+    return Shape(model, items, inner, listed=True)
+
+
+_ANSWER = Shape(Answer, "result")
 SHAPES: dict[type[BaseModel], Shape] = {
-    SubmitRequest: Shape("payload"),
-    SubmitBatch: Shape("payload", "tasks", SubmitBatchItem),
-    TaskMessage: Shape("payload"),
-    TaskBatch: Shape("payload", "tasks", TaskMessage),
-    OutcomeEvent: Shape("result"),
-    OutcomeBatch: Shape("result", "events", OutcomeEvent),
-    Answer: Shape("result"),
+    SubmitRequest: Shape(SubmitRequest, "payload"),
+    SubmitBatch: _each(SubmitBatch, "tasks", Shape(SubmitBatchItem, "payload")),
+    TaskMessage: Shape(TaskMessage, "payload"),
+    TaskBatch: _each(TaskBatch, "tasks", Shape(TaskMessage, "payload")),
+    OutcomeEvent: Shape(OutcomeEvent, "result"),
+    OutcomeBatch: _each(OutcomeBatch, "events", Shape(OutcomeEvent, "result")),
+    Answer: _ANSWER,
+    AnswerBatch: _each(AnswerBatch, "answers", Shape(BatchedAnswer, "answer", _ANSWER)),
 }
 
 _FIELDS = msgspec.json.Decoder(dict[str, msgspec.Raw])
@@ -87,9 +111,8 @@ def _quoted(name: str) -> bytes:
 
 _KEYS: dict[type[BaseModel], dict[str, bytes]] = {
     model: {name: _quoted(name) + b":" for name in model.model_fields}
-    for shape_of, shape in SHAPES.items()
-    for model in (shape_of, shape.item)
-    if model is not None
+    for shape in SHAPES.values()
+    for model in shape.models()
 }
 
 
@@ -155,13 +178,6 @@ def _object(
     return parts
 
 
-def _taken(fields: dict[str, msgspec.Raw], name: str) -> RawJson:
-    value = fields.pop(name, None)
-    if value is None:
-        raise _Refused
-    return RawJson(bytes(value))
-
-
 def _check_text(raw: bytes) -> None:
     """msgspec skips a raw value's strings without checking their UTF-8."""
     if not raw.isascii():
@@ -173,36 +189,51 @@ def _check_text(raw: bytes) -> None:
 
 def _passed_on(model: type[M], raw: bytes, shape: Shape, strict: bool) -> M:
     """``raw`` as ``model``, each of its values at ``shape`` kept raw."""
+    if shape.several and len(raw) < RAW_FROM * raw.count(_quoted(shape.leaf)):
+        raise _Refused  # under RAW_FROM a value (the key counts the values, maybe more)
     fields = _fields(_FIELDS, raw)
-    if not shape.items:
-        _check_text(raw)
-        value = _taken(fields, shape.field)
-        parts = _object(_KEYS[model], fields, _quoted(shape.field), b":null")
-        message = _validate(model, parts, strict)
-        message.__dict__[shape.field] = value
-        return message
-    assert shape.item is not None
-    if len(raw) < RAW_FROM * raw.count(_quoted(shape.field)):  # at least as many as its items
-        raise _Refused
-    listed = fields.pop(shape.items, None)
-    if listed is None:
-        raise _Refused
-    items = _fields(_ITEMS, listed)
-    if not items:
-        raise _Refused
     _check_text(raw)
-    values = [_taken(item, shape.field) for item in items]
-    keys, null = _KEYS[shape.item], (_quoted(shape.field), b":null")
-    inner: list[bytes | msgspec.Raw] = [b"["]
-    for item in items:
-        inner += _object(keys, item, *null)
-        inner.append(b",")
-    inner[-1] = b"]"
-    parts = _object(_KEYS[model], fields, _quoted(shape.items), b":", *inner)
-    message = _validate(model, parts, strict)
-    for item, value in zip(getattr(message, shape.items), values, strict=True):
-        item.__dict__[shape.field] = value
+    values: list[RawJson | None] = []
+    message = _validate(model, _rebuilt(shape, fields, values), strict)
+    _put_back(shape, message, iter(values))
     return message
+
+
+def _rebuilt(
+    shape: Shape, fields: dict[str, msgspec.Raw], values: list[RawJson | None]
+) -> list[bytes | msgspec.Raw]:
+    """The parts of the JSON object of ``fields``, its value at ``shape`` taken out into
+    ``values`` and written ``null``."""
+    value = fields.pop(shape.field, None)
+    if value is None:
+        raise _Refused
+    key = _quoted(shape.field)
+    if shape.inner is None:
+        kept = bytes(value)
+        values.append(None if kept == b"null" else RawJson(kept))  # a failure's null result
+        return _object(_KEYS[shape.model], fields, key, b":null")
+    if shape.listed:
+        items = _fields(_ITEMS, value)
+        if not items:
+            raise _Refused
+        inner: list[bytes | msgspec.Raw] = [b"["]
+        for item in items:
+            inner += _rebuilt(shape.inner, item, values)
+            inner.append(b",")
+        inner[-1] = b"]"
+    else:
+        inner = _rebuilt(shape.inner, _fields(_FIELDS, value), values)
+    return _object(_KEYS[shape.model], fields, key, b":", *inner)
+
+
+def _put_back(shape: Shape, message: BaseModel, values: Iterator[RawJson | None]) -> None:
+    """Set in ``message``, validated, each value :func:`_rebuilt` took out."""
+    if shape.inner is None:
+        message.__dict__[shape.field] = next(values)
+        return
+    held = getattr(message, shape.field)
+    for item in held if shape.listed else [held]:
+        _put_back(shape.inner, item, values)
 
 
 def _validate(model: type[M], parts: list[bytes | msgspec.Raw], strict: bool) -> M:

@@ -12,7 +12,6 @@ from ..protocol import (
     TaskBatch,
     TaskMessage,
     TaskState,
-    decode_event,
 )
 from .passthrough import decode_message
 from .state import TaskRecord, TaskStore
@@ -32,7 +31,7 @@ def journaled_answers(kind: str, body: bytes) -> list[Answer]:
     if kind == Kind.ANSWER:
         return [decode_message(Answer, body)]
     if kind == Kind.ANSWER_BATCH:
-        return [item.answer for item in decode_event(AnswerBatch, body).answers]
+        return [item.answer for item in decode_message(AnswerBatch, body).answers]
     return []
 
 
