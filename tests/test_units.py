@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from yarl import URL
 
 from amqpsched.client import _Submission, _submission_body
@@ -295,6 +295,14 @@ def test_results_kept_within_a_byte_budget_the_oldest_forgotten_first() -> None:
     assert store.result_bytes == 25_000
     answered("after", 3_000, 8.0)
     assert store.get("huge") is None and store.result_bytes == 3_000
+    # one whose answer is not confirmed yet stays (it may be reopened); the next oldest goes
+    loop = asyncio.new_event_loop()
+    unsure = answered("unsure", 3_000, 9.0)
+    unsure.answering = loop.create_future()
+    answered("a1", 3_000, 10.0)
+    answered("a2", 3_000, 11.0)
+    assert [t for t in ("after", "unsure", "a1", "a2") if store.get(t)] == ["unsure", "a1", "a2"]
+    loop.close()
     assert store.purge(now=2000.0) >= 1 and store.result_bytes == 0
 
 
@@ -414,8 +422,13 @@ def test_handler_registration_and_payload_parsing() -> None:
         app.capability("bad name")
 
 
+class Aliased(BaseModel):
+    field_name: int = Field(alias="fieldName")
+
+
 def test_results_must_be_json() -> None:
     assert to_json(Point(x=1)) == RawJson(b'{"x":1}')
+    assert to_json(Aliased(fieldName=2)) == RawJson(b'{"field_name":2}')  # as model_dump() writes
     assert to_json([1, "a", None, 2**70]) == RawJson(b'[1,"a",null,1180591620717411303424]')
     # what pydantic serialises, as the client does for payloads
     when = datetime.datetime(2026, 1, 2, 3, 4, 5)

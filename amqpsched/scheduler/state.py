@@ -217,14 +217,21 @@ class MemoryTaskStore:
 
     def _shed(self, newest: str) -> None:
         """Forget the oldest finished records holding results until those left fit the budget;
-        never ``newest``, just answered (a result larger than the budget is kept alone)."""
+        never ``newest``, just answered (a result larger than the budget is kept alone), nor
+        one whose answer is not confirmed yet (it may be reopened)."""
         assert self.max_result_bytes is not None
-        while self.result_bytes > self.max_result_bytes:
-            oldest = next(iter(self._sizes))
-            if oldest == newest:
-                return
-            self._forget(oldest)
-            self.shed += 1
+        excess = self.result_bytes - self.max_result_bytes
+        victims = []
+        for task_id, size in self._sizes.items():  # oldest first: most often one or two
+            if excess <= 0:
+                break
+            record = self._records.get(task_id)
+            if task_id != newest and (record is None or record.answering is None):
+                victims.append(task_id)
+                excess -= size
+        for task_id in victims:
+            self._forget(task_id)
+        self.shed += len(victims)
 
     def due(self, now: float) -> list[TaskRecord]:
         """Unstarted, unanswered records whose deadline has passed (each returned once)."""

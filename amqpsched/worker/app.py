@@ -77,7 +77,8 @@ def to_json(result: Any) -> RawJson:
     carry, NaN or an infinity (JSON has neither), and a value nested more than
     :data:`protocol.MAX_DEPTH` deep."""
     try:
-        raw = pydantic_core.to_json(result, inf_nan_mode="constants")
+        # by_alias=False: a model's fields by name, as model_dump() gives them
+        raw = pydantic_core.to_json(result, by_alias=False, inf_nan_mode="constants")
     except PydanticSerializationError as exc:
         raise InvalidResult(
             f"handler returned {type(result).__name__}, which is not JSON serialisable: {exc}"
