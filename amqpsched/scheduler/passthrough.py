@@ -10,7 +10,8 @@ The value goes on as :class:`protocol.RawJson`, which :func:`protocol.encode` wr
 came.
 
 Which field is passed on, per message: a submission's and a task's ``payload``, an outcome's
-and an answer's ``result``, in the message or in each item of its batch (:data:`SHAPES`).
+and an answer's ``result``, in the message, in each item of its batch, or in the answer of each
+item of an answer batch (:data:`SHAPES`). A ``null`` one is kept as ``None``.
 
 What this path does not take goes through the usual decoder, which gives the reason: a client
 request refused here is refused by :func:`protocol.decode` with the same words, a message of
