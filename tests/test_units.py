@@ -302,6 +302,18 @@ def test_results_kept_within_a_byte_budget_the_oldest_forgotten_first() -> None:
     answered("a1", 3_000, 10.0)
     answered("a2", 3_000, 11.0)
     assert [t for t in ("after", "unsure", "a1", "a2") if store.get(t)] == ["unsure", "a1", "a2"]
+    # none confirmed but the newest: over the budget until they are, then shed at a fit
+    unconfirmed = [unsure, store.get("a1"), store.get("a2")]
+    for record in unconfirmed:
+        assert record is not None
+        record.answering = loop.create_future()
+    answered("b", 3_000, 12.0)
+    assert store.result_bytes == 12_000
+    for record in unconfirmed:
+        assert record is not None
+        record.answering = None
+    store.fit()
+    assert store.get("unsure") is None and store.result_bytes == 9_000
     loop.close()
     assert store.purge(now=2000.0) >= 1 and store.result_bytes == 0
 

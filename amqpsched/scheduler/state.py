@@ -215,10 +215,16 @@ class MemoryTaskStore:
             if self.max_result_bytes is not None and self.result_bytes > self.max_result_bytes:
                 self._shed(record.task_id)
 
-    def _shed(self, newest: str) -> None:
+    def fit(self) -> None:
+        """Shed what :meth:`finish` could not: answers confirmed since (called periodically)."""
+        if self.max_result_bytes is not None and self.result_bytes > self.max_result_bytes:
+            self._shed(None)
+
+    def _shed(self, newest: str | None) -> None:
         """Forget the oldest finished records holding results until those left fit the budget;
         never ``newest``, just answered (a result larger than the budget is kept alone), nor
-        one whose answer is not confirmed yet (it may be reopened)."""
+        one whose answer is not confirmed yet (it may be reopened: :meth:`fit` sheds it later,
+        if need be)."""
         assert self.max_result_bytes is not None
         excess = self.result_bytes - self.max_result_bytes
         victims = []

@@ -87,6 +87,7 @@ class Timers(Answering):
             await self._alive()
         self.peers.forget_old(now, UNSURE_KEEP)
         self.store.purge(now)
+        self.store.fit()
         shed = self.store.shed - self._shed_seen
         if shed:
             self._shed_seen = self.store.shed
