@@ -475,10 +475,11 @@ async def test_an_outcome_nobody_can_read_answers_its_task_at_once_and_is_kept(
     """A worker's outcome that does not decode (another version's, another language's): its
     task is answered ``internal_error`` at once, not at its deadline as "never started", and
     the outcome is dead-lettered with its reason."""
+    system.capabilities.add("nobody")  # its queue goes with the system's
     await system.scheduler()
     client = await system.client()
     task_id = f"unread-{uuid.uuid4().hex}"
-    handle = await client.submit("nobody-serves-this", 1, task_id=task_id, timeout=60)
+    handle = await client.submit("nobody", 1, task_id=task_id, timeout=60)
     assert (await handle.status()).state in (TaskState.QUEUED, TaskState.DISPATCHED)
     body = json.dumps({"v": 1, "task_id": task_id, "attempt": 1, "status": "succeeded"})
     conn = await aio_pika.connect(system.settings.amqp_url.get_secret_value())
