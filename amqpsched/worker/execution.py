@@ -24,11 +24,11 @@ from ..protocol import (
     StartedEvent,
     TaskBatch,
     TaskMessage,
-    decode_event,
 )
 from ..retry import retry_delay
 from ..transport import IncomingMessage
 from .app import Handler, InvalidPayload, InvalidResult, to_json
+from .decoding import decode_task
 from .delivery import BatchDelivery, Delivery
 from .reporting import Reporting
 
@@ -51,7 +51,7 @@ class Execution(Reporting):
             await self._take_batch(msg)
             return
         try:
-            task = decode_event(TaskMessage, msg.body)
+            task = decode_task(TaskMessage, msg.body)
         except DecodeError as exc:
             await self._dead_letter(Delivery(msg), exc.reason, exc.detail)
             return
@@ -60,7 +60,7 @@ class Execution(Reporting):
     async def _take_batch(self, msg: IncomingMessage) -> None:
         """Each task of a ``task_batch`` as if it had come alone, side by side."""
         try:
-            batch = decode_event(TaskBatch, msg.body)
+            batch = decode_task(TaskBatch, msg.body)
         except DecodeError as exc:
             await self._dead_letter(Delivery(msg), exc.reason, exc.detail)
             return
