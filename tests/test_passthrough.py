@@ -35,6 +35,8 @@ from amqpsched.protocol import encode as encode_model
 from amqpsched.scheduler.outbox import answer_batch_body
 from amqpsched.scheduler.passthrough import RAW_FROM, decode_message, decode_request
 
+from .json_values import random_json
+
 ROWS = [
     {"id": i, "name": f"item {i} é \u2603", "score": i * 0.1, "tags": ["a", 'b\n"q"'], "n": None}
     for i in range(60)
@@ -144,12 +146,12 @@ def _depth(value: Any) -> int:
     return 0
 
 
+#: Leaves that look like structure: brackets and quotes in strings.
+STRUCTURE_LIKE = ["x]", "[[", 'a"b', 1, "\\", "}{", "\\]", ""]
+
+
 def _nested(rng: random.Random, depth: int) -> Any:
-    if depth == 0:  # leaves that look like structure: brackets and quotes in strings
-        return rng.choice(["x]", "[[", 'a"b', 1, "\\", "}{", "\\]", ""])
-    if rng.random() < 0.5:
-        return [_nested(rng, depth - 1) for _ in range(rng.randint(0, 3))]
-    return {f"k{rng.random()}[": _nested(rng, depth - 1) for _ in range(rng.randint(0, 3))}
+    return random_json(rng, depth, STRUCTURE_LIKE, lambda r: f"k{r.random()}[", 3)
 
 
 def test_too_deep_counts_nesting_as_a_parser_does() -> None:
