@@ -1,10 +1,27 @@
-"""Random JSON values for tests that compare two ways of reading or measuring JSON."""
+"""Helpers for tests that compare two ways of reading or measuring JSON: random values, and
+two readers held to the same result or the same refusal."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
 from typing import Any
+
+import pytest
+
+from amqpsched.errors import DecodeError
+
+
+def read_alike(reference: Callable[[], Any], candidate: Callable[[], Any]) -> tuple[Any, Any]:
+    """What each reader gives, or (None, None) when both refused for the same reason."""
+    try:
+        expected = reference()
+    except DecodeError as exc:
+        with pytest.raises(DecodeError) as info:
+            candidate()
+        assert (info.value.reason, info.value.detail) == (exc.reason, exc.detail)
+        return None, None
+    return expected, candidate()
 
 
 def random_json(

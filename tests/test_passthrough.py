@@ -35,7 +35,7 @@ from amqpsched.protocol import encode as encode_model
 from amqpsched.scheduler.outbox import answer_batch_body
 from amqpsched.scheduler.passthrough import RAW_FROM, decode_message, decode_request
 
-from .json_values import random_json
+from .json_values import random_json, read_alike
 
 ROWS = [
     {"id": i, "name": f"item {i} é \u2603", "score": i * 0.1, "tags": ["a", 'b\n"q"'], "n": None}
@@ -282,14 +282,11 @@ BAD_OUTCOMES = [
 
 @pytest.mark.parametrize("body", ODD_OUTCOMES + BAD_OUTCOMES)
 def test_an_outcome_not_for_this_path_is_decoded_as_before(body: bytes) -> None:
-    try:
-        expected: Any = decode_event(OutcomeEvent, body)
-    except DecodeError as exc:
-        with pytest.raises(DecodeError) as raw:
-            decode_message(OutcomeEvent, body)
-        assert (raw.value.reason, raw.value.detail) == (exc.reason, exc.detail)
+    expected, decoded = read_alike(
+        lambda: decode_event(OutcomeEvent, body), lambda: decode_message(OutcomeEvent, body)
+    )
+    if expected is None:  # refused alike
         return
-    decoded = decode_message(OutcomeEvent, body)
     kept = _raw(decoded.result)
     if kept is not None:
         decoded = decoded.model_copy(update={"result": json.loads(kept)})
